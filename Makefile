@@ -1,0 +1,58 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   - install, synthesize a small corpus, run the pipeline with DVC
+#   make test   - install, run the whole test suite
+# Both create/update .venv; a second run installs nothing unless pyproject.toml changed.
+
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export DVC_NO_ANALYTICS := 1
+export GX_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+PYTEST_ARGS ?=
+# this machine's pip config names index folders that do not exist; pip warns about each package
+PIP_NOISE := ^WARNING: Location .* is ignored
+
+.PHONY: install test test-fast demo lint bench clean-data s3-up s3-down
+
+install: $(STAMP)
+
+# torch first, alone: 2.13.0 is the CPU wheel on these machines; a bare `torch` requirement resolved by
+# pip would pull the multi-GB CUDA build. The project's own range admits 2.13.0 so nothing more comes.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip 2> >(grep -v "$(PIP_NOISE)" >&2)
+	$(PY) -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '2.13.0')" 2>/dev/null \
+		|| $(PY) -m pip install -q torch==2.13.0 2> >(grep -v "$(PIP_NOISE)" >&2)
+	$(PY) -m pip install -q -e '.[dev,cluster]' 2> >(grep -v "$(PIP_NOISE)" >&2)
+	$(PY) -c "import torch, singer; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	@touch $(STAMP)
+
+test: install
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check singer tests benchmarks
+
+# The demo at this stage: a synthetic corpus, then the data stages through `split` with DVC.
+demo: install
+	@test -d data/raw || singer synth --out data/raw
+	dvc repro split
+	dvc metrics show
+	@echo; echo "Outputs: data/split/{train,test}.txt, reports/*.validation.md, metrics/*.json"
+
+bench: install
+	$(PY) benchmarks/preprocess.py
+
+s3-up: install
+	singer s3 up
+s3-down: install
+	singer s3 down
+
+clean-data:
+	rm -rf data/ingested data/clips data/crops data/split metrics reports

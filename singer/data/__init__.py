@@ -1,0 +1,1 @@
+"""Data stages: synth, ingest, clip, crop, split, validate."""

@@ -1,0 +1,202 @@
+"""Read, probe and write videos with PyAV.
+
+Frames are `uint8` arrays shaped (T, H, W, 3), RGB. Timestamps are seconds from the stream start.
+Writers are atomic: they write `<name>.tmp<ext>` next to the target, then rename.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+
+class MediaError(RuntimeError):
+    """A file that cannot be read as the media it claims to be. The message is the reason."""
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    path: str
+    bytes: int
+    duration_s: float
+    fps: float                 # average frame rate
+    n_frames: int              # decoded, not the container's guess
+    width: int
+    height: int
+    video_codec: str
+    has_audio: bool
+    audio_sr: int
+    audio_channels: int
+    vfr: bool                  # frame intervals vary by more than 10 %
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _open(path: str | os.PathLike) -> av.container.InputContainer:
+    path = Path(path)
+    if not path.exists():
+        raise MediaError(f"file does not exist: {path}")
+    if path.stat().st_size == 0:
+        raise MediaError("zero bytes")
+    try:
+        return av.open(str(path), mode="r")
+    except (av.error.FFmpegError, UnicodeDecodeError, ValueError) as exc:
+        raise MediaError(f"not a readable media file ({type(exc).__name__}: {exc})") from exc
+
+
+def probe(path: str | os.PathLike, decode: bool = True) -> VideoInfo:
+    """Describe a video. With `decode`, every video packet is decoded so that truncation is caught
+    and the frame count and VFR flag are measured rather than trusted from the header.
+
+    Raises MediaError with the reason when the file is not a usable video (no video stream included).
+    """
+    with _open(path) as container:
+        if not container.streams.video:
+            kind = "audio-only file" if container.streams.audio else "no video stream"
+            raise MediaError(kind)
+        vstream = container.streams.video[0]
+        astream = container.streams.audio[0] if container.streams.audio else None
+        width, height = vstream.codec_context.width, vstream.codec_context.height
+        times: list[float] = []
+        if decode:
+            try:
+                for frame in container.decode(vstream):
+                    if frame.time is not None:
+                        times.append(float(frame.time))
+            except av.error.FFmpegError as exc:
+                raise MediaError(f"decoding failed after {len(times)} frames ({exc})") from exc
+            if not times:
+                raise MediaError("video stream has no decodable frames")
+        start = float(vstream.start_time * vstream.time_base) if vstream.start_time is not None else 0.0
+        if times:
+            times = sorted(times)
+            n_frames = len(times)
+            deltas = np.diff(times)
+            step = float(np.median(deltas)) if len(deltas) else 0.0
+            duration = times[-1] - min(times[0], start) + step
+            fps = (n_frames - 1) / (times[-1] - times[0]) if n_frames > 1 and times[-1] > times[0] else 0.0
+            vfr = bool(len(deltas) > 2 and step > 0 and np.max(np.abs(deltas - step)) > 0.1 * step)
+        else:
+            n_frames = int(vstream.frames or 0)
+            rate = vstream.average_rate or vstream.guessed_rate
+            fps = float(rate) if rate else 0.0
+            duration = float(vstream.duration * vstream.time_base) if vstream.duration else 0.0
+            vfr = False
+        return VideoInfo(
+            path=str(path),
+            bytes=Path(path).stat().st_size,
+            duration_s=float(duration),
+            fps=float(fps),
+            n_frames=n_frames,
+            width=int(width),
+            height=int(height),
+            video_codec=vstream.codec_context.name,
+            has_audio=astream is not None,
+            audio_sr=int(astream.codec_context.sample_rate) if astream else 0,
+            audio_channels=int(astream.codec_context.channels) if astream else 0,
+            vfr=vfr,
+        )
+
+
+def read_frames(
+    path: str | os.PathLike, start_s: float = 0.0, end_s: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decode frames with timestamps in [start_s, end_s). Returns (frames (T,H,W,3) uint8, times (T,) s)."""
+    frames, times = [], []
+    with _open(path) as container:
+        if not container.streams.video:
+            raise MediaError("no video stream")
+        vstream = container.streams.video[0]
+        vstream.thread_type = "AUTO"
+        if start_s > 0:
+            container.seek(int(start_s / vstream.time_base), stream=vstream, backward=True)
+        try:
+            for frame in container.decode(vstream):
+                t = float(frame.time) if frame.time is not None else len(times) / float(vstream.average_rate or 25)
+                if t < start_s - 1e-6:
+                    continue
+                if end_s is not None and t >= end_s - 1e-6:
+                    break
+                frames.append(frame.to_ndarray(format="rgb24"))
+                times.append(t)
+        except av.error.FFmpegError as exc:
+            raise MediaError(f"decoding failed after {len(frames)} frames ({exc})") from exc
+    if not frames:
+        return np.zeros((0, 0, 0, 3), np.uint8), np.zeros((0,), np.float64)
+    return np.stack(frames), np.asarray(times, np.float64)
+
+
+def frames_at(frames: np.ndarray, times: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Resample a (possibly variable-rate) frame sequence to target times: each target takes the last
+    frame shown at that moment (the one with the greatest timestamp <= target), as a player would.
+
+    frames: (T, H, W, 3); times: (T,) ascending; targets: (K,) -> (K, H, W, 3)
+    """
+    idx = np.searchsorted(times, np.asarray(targets) + 1e-6, side="right") - 1
+    return frames[np.clip(idx, 0, len(times) - 1)]
+
+
+def write_video(
+    path: str | os.PathLike,
+    frames: np.ndarray,
+    fps: float,
+    audio: np.ndarray | None = None,
+    sample_rate: int = 16000,
+    crf: int = 18,
+) -> Path:
+    """Write (T,H,W,3) uint8 RGB frames as H.264 (yuv420p) mp4, with optional AAC audio, atomically.
+
+    audio: (S,) mono or (C, S) float in [-1, 1]. Odd frame sizes are padded by one pixel (yuv420p needs even).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be (T,H,W,3) uint8, got {frames.shape} {frames.dtype}")
+    pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
+    if pad_h or pad_w:
+        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    rate = Fraction(fps).limit_denominator(1001)
+    try:
+        with av.open(str(tmp), mode="w", format="mp4") as container:
+            vstream = container.add_stream("libx264", rate=rate)
+            vstream.width, vstream.height = frames.shape[2], frames.shape[1]
+            vstream.pix_fmt = "yuv420p"
+            vstream.options = {"crf": str(crf), "preset": "veryfast"}
+            astream = None
+            if audio is not None:
+                astream = container.add_stream("aac", rate=int(sample_rate))
+                astream.layout = "mono" if np.asarray(audio).ndim == 1 else "stereo"
+            for image in frames:
+                for packet in vstream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                    container.mux(packet)
+            for packet in vstream.encode():
+                container.mux(packet)
+            if astream is not None:
+                _encode_audio(container, astream, np.asarray(audio, np.float32), int(sample_rate))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _encode_audio(container, astream, audio: np.ndarray, sample_rate: int) -> None:
+    planar = np.clip(audio if audio.ndim == 2 else audio[None, :], -1.0, 1.0).astype(np.float32)
+    layout = "mono" if planar.shape[0] == 1 else "stereo"
+    chunk = 1024
+    for start in range(0, planar.shape[1], chunk):
+        piece = np.ascontiguousarray(planar[:, start : start + chunk])
+        frame = av.AudioFrame.from_ndarray(piece, format="fltp", layout=layout)
+        frame.sample_rate = sample_rate
+        frame.pts = start
+        for packet in astream.encode(frame):
+            container.mux(packet)
+    for packet in astream.encode():
+        container.mux(packet)

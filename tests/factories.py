@@ -1,0 +1,109 @@
+"""Small media files for tests, made on the spot (no fixtures on disk).
+
+Face videos use the real photo `skimage.data.astronaut()`, moved a little each frame so clips are not
+static; audio is a tone with a syllable-like envelope.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+
+from singer.media import write_video
+
+
+def tone(seconds: float, sample_rate: int = 16000, freq: float = 220.0) -> np.ndarray:
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 3.0 * t) ** 2
+    return (0.3 * envelope * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def face_frames(n: int, size: tuple[int, int] = (192, 192), faces: int = 1, seed: int = 0) -> np.ndarray:
+    """(n, H, W, 3) frames of the astronaut (or `faces` of them side by side), drifting a few pixels."""
+    from skimage import data
+
+    h, w = size
+    portrait = data.astronaut()[30:330, 90:390]  # the face with some margin
+    rng = np.random.default_rng(seed)
+    if faces == 0:
+        base = cv2.resize(data.coffee(), (w, h))
+    else:
+        side = min(h, w // faces)
+        tile = cv2.resize(portrait, (side, side), interpolation=cv2.INTER_AREA)
+        base = np.full((h, w, 3), 90, np.uint8)
+        y0 = (h - side) // 2
+        for k in range(faces):
+            x0 = k * (w // faces) + (w // faces - side) // 2
+            base[y0 : y0 + side, x0 : x0 + side] = tile
+    frames = []
+    for i in range(n):
+        dx, dy = 2.0 * np.sin(i / 4.0) + rng.normal(0, 0.3), 1.5 * np.cos(i / 5.0)
+        m = np.float32([[1, 0, dx], [0, 1, dy]])
+        frames.append(cv2.warpAffine(base, m, (w, h), borderMode=cv2.BORDER_REPLICATE))
+    return np.stack(frames)
+
+
+def face_video(path: Path, seconds: float = 2.4, fps: float = 25, size=(192, 192), faces: int = 1,
+               audio: bool = True, sample_rate: int = 16000, seed: int = 0) -> Path:
+    frames = face_frames(int(round(seconds * fps)), size=size, faces=faces, seed=seed)
+    return write_video(path, frames, fps, audio=tone(seconds, sample_rate) if audio else None,
+                       sample_rate=sample_rate)
+
+
+def vfr_face_video(path: Path, seconds: float = 2.6, size=(160, 160), sample_rate: int = 16000) -> Path:
+    """Variable frame rate: frame intervals alternate between 30 ms and 50 ms (about 25 fps on average)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    steps_ms, t = [], 0
+    while t < seconds * 1000:
+        steps_ms.append(t)
+        t += 30 if len(steps_ms) % 2 else 50
+    frames = face_frames(len(steps_ms), size=size)
+    audio = tone(seconds, sample_rate)
+    with av.open(str(path), "w", format="mp4") as c:
+        vs = c.add_stream("libx264", rate=25)
+        vs.width, vs.height, vs.pix_fmt = size[1], size[0], "yuv420p"
+        vs.codec_context.time_base = Fraction(1, 1000)
+        as_ = c.add_stream("aac", rate=sample_rate)
+        as_.layout = "mono"
+        for pts, image in zip(steps_ms, frames):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts, frame.time_base = pts, Fraction(1, 1000)
+            for p in vs.encode(frame):
+                c.mux(p)
+        for p in vs.encode():
+            c.mux(p)
+        for s in range(0, len(audio), 1024):
+            af = av.AudioFrame.from_ndarray(audio[None, s : s + 1024].copy(), format="fltp", layout="mono")
+            af.sample_rate, af.pts = sample_rate, s
+            for p in as_.encode(af):
+                c.mux(p)
+        for p in as_.encode():
+            c.mux(p)
+    return path
+
+
+def audio_only(path: Path, seconds: float = 3.0, sample_rate: int = 16000) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    audio = tone(seconds, sample_rate)
+    with av.open(str(path), "w", format="mp4") as c:
+        s = c.add_stream("aac", rate=sample_rate)
+        s.layout = "mono"
+        for i in range(0, len(audio), 1024):
+            af = av.AudioFrame.from_ndarray(audio[None, i : i + 1024].copy(), format="fltp", layout="mono")
+            af.sample_rate, af.pts = sample_rate, i
+            for p in s.encode(af):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return path
+
+
+def truncated(src: Path, dst: Path, keep: float = 0.4) -> Path:
+    data = src.read_bytes()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(data[: int(len(data) * keep)])
+    return dst
