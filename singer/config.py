@@ -81,7 +81,7 @@ class CropConfig(Section):
     max_jitter: float = 0.08
     smooth_sigma: float = 2.0
     crf: int = Field(12, ge=0, le=51)
-    redetect_every: int = Field(5, ge=1)
+    redetect_every: int = Field(10, ge=1)
     detect_face_px: int = Field(100, ge=80)
     max_multi_face_fraction: float = Field(0.2, ge=0, le=1)
     workers: int = Field(0, ge=0)

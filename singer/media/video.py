@@ -73,6 +73,9 @@ def probe(path: str | os.PathLike, decode: bool = True) -> VideoInfo:
                 raise MediaError(f"decoding failed after {len(times)} frames ({exc})") from exc
             if not times:
                 raise MediaError("video stream has no decodable frames")
+            declared = int(vstream.frames or 0)
+            if declared and len(times) < 0.9 * declared - 1:
+                raise MediaError(f"truncated (decoded {len(times)} of {declared} frames)")
         start = float(vstream.start_time * vstream.time_base) if vstream.start_time is not None else 0.0
         if times:
             times = sorted(times)
@@ -174,8 +177,13 @@ def write_video(
             if audio is not None:
                 astream = container.add_stream("aac", rate=int(sample_rate))
                 astream.layout = "mono" if np.asarray(audio).ndim == 1 else "stereo"
-            for image in frames:
-                for packet in vstream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                astream.bit_rate = 160_000  # the encoder default (~69 kbps mono) audibly distorts music
+            for i, image in enumerate(frames):
+                frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+                # explicit timestamps: without them the encoder's output differs from run to run,
+                # and DVC would see every clip as changed
+                frame.pts, frame.time_base = i, 1 / rate
+                for packet in vstream.encode(frame):
                     container.mux(packet)
             for packet in vstream.encode():
                 container.mux(packet)
