@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import typer
 from rich.console import Console
@@ -27,7 +27,7 @@ PresetOpt = typer.Option(None, "--preset", help="override params.yaml's preset (
 SetOpt = typer.Option(None, "--set", "-S", help="override a parameter, e.g. -S crop.resolution=128")
 
 
-def _load(params: Path, preset: Optional[str], overrides: Optional[list[str]]):
+def _load(params: Path, preset: str | None, overrides: list[str] | None):
     from singer.config import load_config
 
     return load_config(params, preset=preset, overrides=overrides or [])
@@ -60,8 +60,8 @@ def _run_stage(name: str, fn: Callable, params: Path, preset, overrides, progres
 def _stage_command(name: str, import_path: str, help_text: str) -> None:
     def command(
         params: Path = ParamsOpt,
-        preset: Optional[str] = PresetOpt,
-        set_: Optional[list[str]] = SetOpt,
+        preset: str | None = PresetOpt,
+        set_: list[str] | None = SetOpt,
         progress: bool = typer.Option(True, help="show progress bars"),
         validate: bool = typer.Option(True, help="run the stage's Great Expectations suite"),
     ) -> None:
@@ -83,8 +83,8 @@ _stage_command("split", "singer.data.split:run_split", "Train/test lists, divide
 def validate(
     stage: str = typer.Argument(..., help="ingest | clip | crop | split"),
     params: Path = ParamsOpt,
-    preset: Optional[str] = PresetOpt,
-    set_: Optional[list[str]] = SetOpt,
+    preset: str | None = PresetOpt,
+    set_: list[str] | None = SetOpt,
 ) -> None:
     """Run one stage's Great Expectations suite on its existing output."""
     from singer.data.common import StageError
@@ -101,12 +101,12 @@ def validate(
 
 @app.command()
 def synth(
-    out: Optional[Path] = typer.Option(None, help="output folder (default: params paths.raw)"),
-    subjects: Optional[int] = typer.Option(None, help="number of subjects (default: params synth.subjects)"),
-    seconds: Optional[float] = typer.Option(None, help="seconds per take"),
-    seed: Optional[int] = typer.Option(None, help="random seed"),
-    size: Optional[int] = typer.Option(None, help="frame size in pixels"),
-    takes: Optional[int] = typer.Option(None, help="takes per subject"),
+    out: Path | None = typer.Option(None, help="output folder (default: params paths.raw)"),
+    subjects: int | None = typer.Option(None, help="number of subjects (default: params synth.subjects)"),
+    seconds: float | None = typer.Option(None, help="seconds per take"),
+    seed: int | None = typer.Option(None, help="random seed"),
+    size: int | None = typer.Option(None, help="frame size in pixels"),
+    takes: int | None = typer.Option(None, help="takes per subject"),
     params: Path = ParamsOpt,
     progress: bool = typer.Option(True, help="show progress bars"),
 ) -> None:
@@ -134,15 +134,40 @@ def synth(
 def s3_up(
     data_dir: Path = typer.Option(Path(".s3"), help="where the server keeps its data, log and state"),
     port: int = typer.Option(8333, help="S3 port on 127.0.0.1"),
+    foreground: bool = typer.Option(False, help="serve until Ctrl-C instead of detaching"),
+    params: Path = ParamsOpt,
 ) -> None:
-    """Start SeaweedFS S3 on 127.0.0.1 in the background (credentials from AWS_* env or generated)."""
-    from singer.s3server import start_server
+    """Start SeaweedFS S3 on 127.0.0.1 (keys from AWS_* env, else generated) and create the bucket."""
+    from singer.s3server import S3ServerError, start_server
 
+    cfg = _load(params, None, None)
     try:
-        info = start_server(data_dir, port=port)
-    except RuntimeError as exc:
+        # `dvc push` does not create its bucket (DVC 3.67 stops at NoSuchBucket): make it here
+        info = start_server(data_dir, port=port, background=not foreground, buckets=[cfg.s3.bucket])
+    except (S3ServerError, RuntimeError) as exc:
         _fail(str(exc))
-    console.print(f"[green]s3[/]: serving {info['endpoint_url']} (state in {data_dir})", highlight=False)
+    state = "already running at" if info.get("already_running") else "serving"
+    console.print(f"[green]s3[/]: {state} {info['endpoint_url']}, bucket {cfg.s3.bucket}", highlight=False)
+    if info.get("credentials_file"):
+        console.print(f"credentials: eval \"$(singer s3 env)\"  (or source {info['credentials_file']})",
+                      highlight=False)
+
+
+@s3_app.command("env")
+def s3_env(data_dir: Path = typer.Option(Path(".s3"), help="the server's data folder")) -> None:
+    """Print `export` lines for the server's endpoint and keys, for `eval "$(singer s3 env)"`."""
+    import shlex
+
+    from singer.s3server import read_credentials, read_state
+
+    state, creds = read_state(Path(data_dir).resolve()), read_credentials(Path(data_dir).resolve())
+    if not state:
+        _fail(f"no S3 server state in {data_dir}; run `singer s3 up` first")
+    lines = {"SINGER_S3_ENDPOINT_URL": state["endpoint_url"], "AWS_ENDPOINT_URL_S3": state["endpoint_url"],
+             "MLFLOW_S3_ENDPOINT_URL": state["endpoint_url"], "AWS_DEFAULT_REGION": "us-east-1"}
+    if creds:
+        lines["AWS_ACCESS_KEY_ID"], lines["AWS_SECRET_ACCESS_KEY"] = creds
+    print("\n".join(f"export {k}={shlex.quote(v)}" for k, v in lines.items()))
 
 
 @s3_app.command("down")

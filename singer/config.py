@@ -97,7 +97,7 @@ class ValidateConfig(Section):
 
 
 class S3Config(Section):
-    endpoint_url: str | None = "http://127.0.0.1:8333"
+    endpoint_url: str | None = Field("http://127.0.0.1:8333", validate_default=True)
     bucket: str = "singer"
     region: str = "us-east-1"
 

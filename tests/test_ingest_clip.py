@@ -14,7 +14,7 @@ from singer.data.clip import clip_starts, quality, run_clip
 from singer.data.common import StageError
 from singer.data.ingest import run_ingest
 from singer.data.validate import ValidationError, validate_stage
-from singer.media import probe, read_frames, read_wav
+from singer.media import probe, read_wav
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,8 +95,9 @@ def test_clip_resamples_to_25_fps_and_16k_mono(project):
 
 
 def test_clip_drops_dark_static_and_cut_clips_with_reasons(project):
-    from singer.media import write_video
     from factories import face_frames, tone
+
+    from singer.media import write_video
 
     raw = project / "data/raw"
     frames = face_frames(50)

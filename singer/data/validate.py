@@ -160,7 +160,7 @@ def render_markdown(report: dict) -> str:
              "| result | expectation | arguments | details |", "|---|---|---|---|"]
     for r in sorted(report["results"], key=lambda r: r["success"]):
         args = ", ".join(f"{k}={v}" for k, v in r["kwargs"].items())
-        details = "; ".join(f"{k}: {v}" for k, v in r["details"].items()) + (f" {r.get('error', '')}" or "")
+        details = "; ".join(f"{k}: {v}" for k, v in r["details"].items()) + f" {r.get('error', '')}"
         lines.append(f"| {'ok' if r['success'] else '**FAIL**'} | {r['expectation']} | {args} | {details.strip()} |")
     return "\n".join(lines) + "\n"
 

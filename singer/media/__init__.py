@@ -1,17 +1,17 @@
 """Video and audio I/O (PyAV in-process; there is no system ffmpeg)."""
 
-from singer.media.audio import read_audio, resample_audio, write_wav, read_wav
-from singer.media.video import MediaError, VideoInfo, probe, read_frames, write_video, frames_at
+from singer.media.audio import read_audio, read_wav, resample_audio, write_wav
+from singer.media.video import MediaError, VideoInfo, frames_at, probe, read_frames, write_video
 
 __all__ = [
     "MediaError",
     "VideoInfo",
-    "probe",
-    "read_frames",
     "frames_at",
-    "write_video",
+    "probe",
     "read_audio",
-    "resample_audio",
-    "write_wav",
+    "read_frames",
     "read_wav",
+    "resample_audio",
+    "write_video",
+    "write_wav",
 ]

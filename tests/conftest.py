@@ -1,0 +1,89 @@
+"""Shared pytest fixtures.
+
+- `s3_server` (session): a real SeaweedFS S3 server on free 127.0.0.1 ports, with test credentials.
+  `s3_server.endpoint_url`, `.access_key`, `.secret_key`, `.client()`, `.env()`; `.stop()` / `.start()`
+  (same ports, same data) or `with s3_server.stopped(): ...` to take it away for a while.
+- `s3_env` (function): the environment pointed at that server (AWS keys, region, SINGER_S3_ENDPOINT_URL,
+  AWS_ENDPOINT_URL_S3, MLFLOW_S3_ENDPOINT_URL); yields the server.
+- `s3_bucket` (function): a fresh, empty bucket on it; yields its name.
+- Telemetry and network look-ups of the stack are turned off for the whole session (see `QUIET_ENV`).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+# Harmless everywhere: no usage reports, no online look-ups (the machines have no internet).
+QUIET_ENV = {
+    "DVC_NO_ANALYTICS": "1",
+    "DVC_STUDIO_OFFLINE": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "GX_ANALYTICS_ENABLED": "false",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "HF_HUB_OFFLINE": "1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+
+# Set at import, before test modules import the libraries that read them once.
+for _key, _value in QUIET_ENV.items():
+    os.environ.setdefault(_key, _value)
+
+TEST_ACCESS_KEY = "singer-test"
+TEST_SECRET_KEY = "singer-test-secret-" + uuid.uuid4().hex
+
+
+@pytest.fixture(scope="session", autouse=True)
+def quiet_env():
+    """Keep the telemetry switches set for the whole session (restored afterwards)."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in QUIET_ENV.items():
+            mp.setenv(key, os.environ.get(key, value))
+        yield
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A SeaweedFS S3 server for the session, stopped (and its /tmp sockets removed) at the end."""
+    from singer.s3server import S3Server
+
+    server = S3Server(
+        tmp_path_factory.mktemp("s3data"),
+        port=0,
+        access_key=TEST_ACCESS_KEY,
+        secret_key=TEST_SECRET_KEY,
+        die_with_parent=True,
+    )
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """Point boto3, DVC, MLflow and singer at the test server for one test."""
+    if not s3_server.running():  # a test that stopped it failed before starting it again
+        s3_server.start()
+    for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server.endpoint_url)
+    yield s3_server
+
+
+@pytest.fixture
+def s3_bucket(s3_env):
+    """A new, empty bucket on the test server, named uniquely per test."""
+    from singer.storage import ensure_bucket
+
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    ensure_bucket(name, client=s3_env.client())
+    yield name
