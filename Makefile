@@ -11,7 +11,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n 2
 # this machine's pip config names index folders that do not exist; pip warns about each package
 PIP_NOISE := ^WARNING: Location .* is ignored
 

@@ -108,6 +108,85 @@ class S3Config(Section):
         return os.environ.get("SINGER_S3_ENDPOINT_URL", v)
 
 
+class ModelConfig(Section):
+    """The SINGER network (DESIGN section 3). Sizes come from the preset; see params.yaml `presets`."""
+
+    num_frames: int = Field(8, ge=1)           # frames denoised together (a window)
+    motion_frames: int = Field(2, ge=0)        # frames carried from the previous window
+    # autoencoder: "pixel_shuffle" (tiny: lossless, no training) | "kl" (SD-1.5 VAE, frozen)
+    autoencoder: str = "pixel_shuffle"
+    autoencoder_path: str | None = None        # local folder of a diffusers AutoencoderKL (paper)
+    pixel_shuffle_factor: int = 2
+    latent_channels: int = 12
+    block_out_channels: list[int] = [32, 64, 64]
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    norm_num_groups: int = 8
+    cross_attention_dim: int = 64             # face tokens and audio tokens are projected to this width
+    motion_num_heads: int = 4
+    motion_max_len: int = 32
+    # audio encoder: wav2vec2. `audio_encoder_path`: local folder (paper: wav2vec2-base-960h); None = random
+    # init from the sizes below (tiny)
+    audio_encoder_path: str | None = None
+    audio_hidden_size: int = 32
+    audio_layers: int = 2
+    audio_heads: int = 2
+    audio_intermediate_size: int = 64
+    audio_conv_dim: int = 32
+    audio_window: int = 2                     # +-frames of audio features per video frame
+    audio_tokens: int = 32                    # tokens per frame after the audio projection
+    audio_proj_dim: int = 64                  # hidden width of the audio projection MLP
+    # face encoder: "dlib" (128-d, ships offline) | "insightface" (512-d ONNX, path required)
+    face_encoder: str = "dlib"
+    face_encoder_path: str | None = None
+    face_embed_dim: int = 128
+    face_tokens: int = 4
+    # spectral modules (the ablation flags)
+    msm: bool = True
+    msm_hidden: int = 16
+    sfm: bool = True
+    sfm_reduction: int = 4
+    # diffusion: DDIM, v-prediction, zero terminal SNR (as Hallo)
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "linear"
+    prediction_type: str = "v_prediction"
+    inference_steps: int = 25
+    guidance_scale: float = 3.5
+    audio_dropout: float = 0.05               # condition dropout in training, for classifier-free guidance
+    reference_dropout: float = 0.05
+
+
+class TrainConfig(Section):
+    variant: str = "full"                     # full | no_msm | no_sfm | no_both (sets model.msm/sfm)
+    steps: int = Field(200, ge=1)
+    batch_size: int = Field(2, ge=1)
+    gradient_accumulation: int = Field(1, ge=1)
+    lr: float = 1e-4
+    adam_betas: list[float] = [0.9, 0.999]
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"               # no | fp16 | bf16 (ignored where the device lacks it)
+    seed: int = 0
+    trainable: list[str] = ["all"]           # module names, or "all"
+    checkpoint_every: int = 50
+    keep_last: int = 3                         # local checkpoints kept; MLflow keeps every one
+    validate_every: int = 100
+    num_workers: int = 0
+    accelerate_profile: str = "cpu"           # infra/accelerate/<profile>.yaml
+    models_dir: Path = Path("models")
+    checkpoints_dir: Path = Path("checkpoints")
+    log_every: int = 1
+
+
+class TrackingConfig(Section):
+    tracking_uri: str = "sqlite:///mlflow.db"  # MLFLOW_TRACKING_URI wins when set
+    artifact_location: str = "./mlartifacts"
+    experiment: str = "singer"
+    registered_model: str = "singer"
+
+
 class Config(Section):
     preset: str = "tiny"
     paths: PathsConfig = PathsConfig()
@@ -118,6 +197,9 @@ class Config(Section):
     split: SplitConfig = SplitConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     s3: S3Config = S3Config()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
