@@ -116,11 +116,11 @@ class ModelConfig(Section):
     # autoencoder: "pixel_shuffle" (tiny: lossless, no training) | "kl" (SD-1.5 VAE, frozen)
     autoencoder: str = "pixel_shuffle"
     autoencoder_path: str | None = None        # local folder of a diffusers AutoencoderKL (paper)
-    pixel_shuffle_factor: int = 2
-    latent_channels: int = 12
+    pixel_shuffle_factor: int = 4
+    latent_channels: int = 48
     block_out_channels: list[int] = [32, 64, 64]
     layers_per_block: int = 1
-    attention_head_dim: int = 8
+    attention_head_dim: int = 2
     norm_num_groups: int = 8
     cross_attention_dim: int = 64             # face tokens and audio tokens are projected to this width
     motion_num_heads: int = 4
@@ -156,6 +156,8 @@ class ModelConfig(Section):
     guidance_scale: float = 3.5
     audio_dropout: float = 0.05               # condition dropout in training, for classifier-free guidance
     reference_dropout: float = 0.05
+    # training: how often the motion frames are replaced by the reference image, as in a song's first window
+    motion_as_reference_prob: float = 0.25
 
 
 class TrainConfig(Section):
@@ -173,6 +175,8 @@ class TrainConfig(Section):
     checkpoint_every: int = 50
     keep_last: int = 3                         # local checkpoints kept; MLflow keeps every one
     validate_every: int = 100
+    validate_frames: int = 16                 # frames of the sample video generated at each validation
+    validate_inference_steps: int = 10
     num_workers: int = 0
     accelerate_profile: str = "cpu"           # infra/accelerate/<profile>.yaml
     models_dir: Path = Path("models")

@@ -77,7 +77,7 @@ class SingerClipDataset(Dataset):
         audio, rate = read_wav(d / "audio.wav")
         if rate != self.sample_rate:
             raise ValueError(f"{d / 'audio.wav'} is {rate} Hz, expected {self.sample_rate}")
-        reference = np.asarray(Image.open(d / "reference.png").convert("RGB"))
+        reference = np.array(Image.open(d / "reference.png").convert("RGB"))  # writable, for torch
         masks = np.load(d / "masks.npz")
         mask_stack = np.stack([masks["face"], masks["lip"], masks["pose"]]).astype(np.float32)
         mouth = np.full(len(frames), np.nan, np.float32)

@@ -1,0 +1,137 @@
+"""`SingerPipeline`: a portrait and a song -> a video of that person singing it.
+
+    pipe = SingerPipeline.from_pretrained("models/full")
+    ref = prepare_reference(load_image("portrait.jpg"), pipe.resolution)     # crop + masks, as in training
+    out = pipe(ref, audio_16k, num_inference_steps=25, guidance_scale=3.5, generator=torch.Generator().manual_seed(0))
+    out.frames        # (T, H, W, 3) uint8, T = round(seconds * fps)
+
+Long audio is generated in windows of `num_frames`; each window's motion frames are the last `motion_frames`
+generated frames of the previous one (the reference image for the first window). Every denoising step runs
+one batched forward for the conditional and unconditional branches (classifier-free guidance), so MSM is
+evaluated once per step, on that step's z_t.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+from tqdm.auto import tqdm
+
+from singer.config import ModelConfig
+from singer.data.dataset import to_tensor_video, to_uint8_video
+from singer.models.autoencoder import decode_video, vae_scale_factor
+from singer.models.singer import Conditions, SingerModel
+
+
+@dataclass
+class SingerPipelineOutput(BaseOutput):
+    frames: np.ndarray          # (T, H, W, 3) uint8
+    fps: float
+
+
+class SingerPipeline(DiffusionPipeline):
+    _optional_components = ["msm"]
+    model_cpu_offload_seq = "audio_encoder->face_encoder->reference_unet->denoising_unet->vae"
+
+    def __init__(self, vae, reference_unet, denoising_unet, face_locator, face_encoder, audio_encoder, msm,
+                 scheduler, settings: dict | None = None):
+        super().__init__()
+        self.register_modules(vae=vae, reference_unet=reference_unet, denoising_unet=denoising_unet,
+                              face_locator=face_locator, face_encoder=face_encoder, audio_encoder=audio_encoder,
+                              msm=msm, scheduler=scheduler)
+        # everything generation needs besides weights: the model config, resolution and frame rate
+        self.register_to_config(settings=settings or {})
+
+    @classmethod
+    def from_model(cls, model: SingerModel, resolution: int) -> SingerPipeline:
+        settings = {"model": model.cfg.model_dump(mode="json"), "resolution": int(resolution), "fps": model.fps}
+        return cls(model.vae, model.reference_unet, model.denoising_unet, model.face_locator, model.face_encoder,
+                   model.audio_encoder, model.msm, model.scheduler, settings=settings)
+
+    def to_model(self) -> SingerModel:
+        """The same components as a `SingerModel` (shared, not copied)."""
+        model = SingerModel(self.model_cfg, self.vae, self.reference_unet, self.denoising_unet, self.face_locator,
+                            self.face_encoder, self.audio_encoder, self.msm, fps=self.fps)
+        model.scheduler = self.scheduler
+        return model
+
+    @property
+    def model_cfg(self) -> ModelConfig:
+        return ModelConfig.model_validate(self.config.settings["model"])
+
+    @property
+    def resolution(self) -> int:
+        return int(self.config.settings["resolution"])
+
+    @property
+    def fps(self) -> float:
+        return float(self.config.settings.get("fps", 25.0))
+
+    @torch.no_grad()
+    def __call__(self, reference: dict, audio: np.ndarray, face_embedding: np.ndarray,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                 generator: torch.Generator | None = None, num_frames: int | None = None,
+                 progress: bool = True) -> SingerPipelineOutput:
+        """reference: `prepare_reference` output (image (H,W,3) uint8 at `resolution`, masks face/lip/pose);
+        audio: (S,) float 16 kHz mono; face_embedding: (E,) identity embedding of the reference."""
+        cfg = self.model_cfg
+        model = self.to_model()
+        steps = num_inference_steps or cfg.inference_steps
+        guidance = cfg.guidance_scale if guidance_scale is None else guidance_scale
+        device = self.denoising_unet.device
+        dtype = self.denoising_unet.dtype
+        total = num_frames or max(1, int(round(len(audio) / 16000 * self.fps)))
+        f, m = cfg.num_frames, cfg.motion_frames
+        n_windows = int(np.ceil(total / f))
+
+        wave = torch.as_tensor(np.asarray(audio, np.float32), device=device)[None]
+        # whole-song wav2vec2 pass, one hidden state per output frame; padded to whole windows
+        hidden = self.audio_encoder.hidden_states(wave, num_frames=total, fps=self.fps)
+        if n_windows * f > total:
+            pad = hidden[:, -1:].expand(-1, n_windows * f - total, -1, -1)
+            hidden = torch.cat([hidden, pad], dim=1)
+        features = self.audio_encoder.window(hidden)            # (1, T', 2w+1, L, H)
+
+        image = to_tensor_video(reference["image"][None])[:, 0][None].to(device, dtype)   # (1, 3, H, W)
+        masks = np.stack([reference["masks"]["face"], reference["masks"]["lip"], reference["masks"]["pose"]])
+        batch = {"reference": image, "masks": torch.as_tensor(masks, dtype=dtype, device=device)[None],
+                 "face_embedding": torch.as_tensor(face_embedding, dtype=dtype, device=device)[None]}
+        motion = image.unsqueeze(2).expand(-1, -1, m, -1, -1)    # first window: the reference stands in
+        latent_h = self.resolution // vae_scale_factor(self.vae)
+        shape = (1, self.denoising_unet.config.in_channels, f, latent_h, latent_h)
+
+        self.scheduler.set_timesteps(steps, device=device)
+        frames = []
+        bar = tqdm(total=n_windows * steps, desc="generate", unit="step", disable=not progress)
+        for k in range(n_windows):
+            audio_tokens = self.audio_encoder.project(features[:, k * f:(k + 1) * f])
+            cond = model.conditions({**batch, "motion": motion}, audio_tokens=audio_tokens)
+            both = _stack(cond, cond.unconditional())
+            z = torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
+            for t in self.scheduler.timesteps:
+                v = model.denoise(torch.cat([z, z]), t.expand(2).to(device), both)
+                v_cond, v_uncond = v.chunk(2)
+                v = v_uncond + guidance * (v_cond - v_uncond)
+                z = self.scheduler.step(v, t, z).prev_sample
+                bar.update(1)
+            video = decode_video(self.vae, z)                     # (1, 3, F, H, W) in [-1, 1]
+            frames.append(to_uint8_video(video[0].float()))
+            if m:
+                motion = video[:, :, -m:].to(dtype)
+        bar.close()
+        return SingerPipelineOutput(frames=np.concatenate(frames)[:total], fps=self.fps)
+
+
+def _stack(a: Conditions, b: Conditions) -> Conditions:
+    """Two condition sets as one batch (conditional first)."""
+    return Conditions(
+        face_tokens=torch.cat([a.face_tokens, b.face_tokens]),
+        audio_tokens=torch.cat([a.audio_tokens, b.audio_tokens]),
+        reference_states=[torch.cat([x, y]) for x, y in zip(a.reference_states, b.reference_states, strict=True)],
+        masks={k: torch.cat([a.masks[k], b.masks[k]]) for k in a.masks},
+        face_features=torch.cat([a.face_features, b.face_features]),
+    )

@@ -1,0 +1,238 @@
+"""The training loop: one code path for one CPU, many GPUs or many nodes (accelerate).
+
+    accelerate launch --config_file infra/accelerate/cpu.yaml -m singer.train [-S train.steps=50]
+    singer train                      # the same, with the profile named in params (train.accelerate_profile)
+
+Reads the crops and the train split, builds the model of `params.yaml`'s preset with the variant's spectral
+modules (`train.variant`: full | no_msm | no_sfm | no_both), and trains the `train.trainable` groups with Adam.
+Every `checkpoint_every` steps `accelerator.save_state` writes `checkpoints/<variant>-<config hash>/step-N`
+atomically (last `keep_last` kept locally, every one logged to MLflow); a rerun after a crash resumes from the
+newest whole checkpoint of the same configuration. Every `validate_every` steps the main process generates a
+sample (ground truth | generated, with audio) for a test clip. At the end the model is written with
+`save_pretrained` to `models/<variant>/` and `metrics/<variant>-train.json` (`metrics/train.json` for full).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from singer.config import Config
+from singer.data.dataset import SingerClipDataset, to_uint8_video
+from singer.io import write_json_atomic
+
+log = logging.getLogger("singer.train")
+
+VARIANTS = {"full": (True, True), "no_msm": (False, True), "no_sfm": (True, False), "no_both": (False, False)}
+
+
+def variant_config(cfg: Config) -> Config:
+    """The config with model.msm / model.sfm set by train.variant."""
+    if cfg.train.variant not in VARIANTS:
+        raise ValueError(f"train.variant must be one of {', '.join(VARIANTS)}, got {cfg.train.variant!r}")
+    msm, sfm = VARIANTS[cfg.train.variant]
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"msm": msm, "sfm": sfm})})
+
+
+def run_key(cfg: Config) -> str:
+    """Checkpoints belong to one configuration: `<variant>-<hash of model, train, data parameters>`."""
+    relevant = {"model": cfg.model.model_dump(mode="json"), "crop": cfg.crop.model_dump(mode="json"),
+                "clip": cfg.clip.model_dump(mode="json"),
+                "train": cfg.train.model_dump(mode="json", exclude={"keep_last", "validate_every", "log_every",
+                                                                    "num_workers", "accelerate_profile"})}
+    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{cfg.train.variant}-{digest}"
+
+
+def metrics_path(cfg: Config) -> Path:
+    name = "train.json" if cfg.train.variant == "full" else f"{cfg.train.variant}-train.json"
+    return Path(cfg.paths.metrics) / name
+
+
+def face_embeddings(dataset: SingerClipDataset, model_cfg) -> dict[str, np.ndarray]:
+    """Identity embedding of every clip's reference frame, computed once (dlib: not in the training graph)."""
+    from singer.models.face import make_face_embedder
+
+    embedder = make_face_embedder(model_cfg)
+    return {cid: embedder.embed(dataset.reference_image(cid), what=f"clip {cid}") for cid in dataset.clip_ids}
+
+
+class WithEmbeddings(torch.utils.data.Dataset):
+    def __init__(self, dataset: SingerClipDataset, embeddings: dict[str, np.ndarray]):
+        self.dataset, self.embeddings = dataset, embeddings
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.dataset[i]
+        item["face_embedding"] = torch.from_numpy(self.embeddings[item["clip_id"]].astype(np.float32))
+        return item
+
+
+def sample_video(model, cfg: Config, dataset: SingerClipDataset, embeddings: dict, out: Path, step: int) -> Path:
+    """Generate the first `validate_frames` frames of one clip from its reference and audio; write
+    ground truth | generated with the audio."""
+    from singer.pipeline import SingerPipeline
+    from singer.train.media_log import write_sample_video
+
+    clip_id = dataset.clip_ids[0]
+    frames, audio, reference, masks, _ = dataset._load_frames(clip_id)
+    n = min(cfg.train.validate_frames, len(frames))
+    seconds = n / dataset.fps
+    audio = audio[: int(round(seconds * dataset.sample_rate))]
+    pipe = SingerPipeline.from_model(model, cfg.crop.resolution)
+    ref = {"image": reference, "masks": {"face": masks[0], "lip": masks[1], "pose": masks[2]}}
+    was_training = model.training
+    model.eval()
+    try:
+        result = pipe(ref, audio, embeddings[clip_id], num_inference_steps=cfg.train.validate_inference_steps,
+                      generator=torch.Generator().manual_seed(cfg.train.seed), num_frames=n, progress=False)
+    finally:
+        model.train(was_training)
+    path = out / f"sample-step-{step:06d}.mp4"
+    return write_sample_video(path, frames[:n], result.frames, fps=dataset.fps, audio=audio,
+                              sample_rate=dataset.sample_rate)
+
+
+def save_model(model, cfg: Config, target: Path) -> Path:
+    """`save_pretrained` into a temporary folder, then swap it in (a reader never sees half a model)."""
+    from singer.pipeline import SingerPipeline
+
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    SingerPipeline.from_model(model, cfg.crop.resolution).save_pretrained(tmp, safe_serialization=True)
+    old = target.with_name(f".{target.name}.old{os.getpid()}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def train(cfg: Config) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+    from singer import tracking
+    from singer.models.singer import SingerModel
+    from singer.train.checkpoint import resume, save_checkpoint
+    from singer.train.media_log import loss_plot
+
+    cfg = variant_config(cfg)
+    tc = cfg.train
+    mixed = tc.mixed_precision
+    if mixed != "no" and not torch.cuda.is_available():
+        log.warning("mixed precision %s needs a GPU here; training in fp32", mixed)
+        mixed = "no"
+    accelerator = Accelerator(
+        gradient_accumulation_steps=tc.gradient_accumulation,
+        mixed_precision=mixed,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    set_seed(tc.seed)
+    model = SingerModel.build(cfg.model, resolution=cfg.crop.resolution, fps=float(cfg.clip.fps), seed=tc.seed)
+    trainable = model.set_trainable(list(tc.trainable))
+    n_trainable = sum(p.numel() for n, p in model.named_parameters() if n in set(trainable))
+
+    dataset = SingerClipDataset(cfg, "train")
+    embeddings = face_embeddings(dataset, cfg.model)
+    loader = DataLoader(WithEmbeddings(dataset, embeddings), batch_size=tc.batch_size, shuffle=True,
+                        drop_last=len(dataset) >= tc.batch_size, num_workers=tc.num_workers,
+                        generator=torch.Generator().manual_seed(tc.seed))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=tc.lr, betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
+
+    key = run_key(cfg)
+    checkpoints = Path(tc.checkpoints_dir) / key
+    state = resume(accelerator, checkpoints) or {"step": 0}
+    step = int(state["step"])
+    history: list[tuple[int, float]] = [tuple(x) for x in state.get("history", [])]
+    samples_dir = Path(tc.checkpoints_dir) / f"{key}-samples"
+    test_split = SingerClipDataset(cfg, "test", random_windows=False) if (Path(cfg.paths.split) / "test.txt").exists() \
+        else dataset
+    test_embeddings = face_embeddings(test_split, cfg.model) if accelerator.is_main_process else {}
+
+    started = time.perf_counter()
+    samples = 0
+    with tracking.start_run(cfg, "train", run_id=state.get("mlflow_run_id"), run_name=cfg.train.variant,
+                            tags={"variant": tc.variant, "run_key": key},
+                            data_paths=[cfg.paths.crops, cfg.paths.split]) as run:
+        run_id = run.info.run_id if run is not None else None
+        if step:
+            accelerator.print(f"resumed from {state['checkpoint']} at step {step}")
+        epoch = step * tc.batch_size * tc.gradient_accumulation // max(1, len(dataset))
+        while step < tc.steps:
+            dataset.epoch = epoch
+            for batch in loader:
+                with accelerator.accumulate(model):
+                    loss, _ = model(batch)
+                    accelerator.backward(loss)
+                    grad_norm = None
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(params, tc.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                samples += batch["frames"].shape[0] * accelerator.num_processes
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                value = accelerator.reduce(loss.detach(), reduction="mean").item()
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"loss is {value} at step {step}; stopping (last checkpoint kept)")
+                history.append((step, value))
+                if step % tc.log_every == 0:
+                    elapsed = time.perf_counter() - started
+                    tracking.log_step({"loss": value, "lr": lr_scheduler.get_last_lr()[0],
+                                       "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                                       "samples_per_second": samples / max(elapsed, 1e-9)}, step)
+                if step % tc.checkpoint_every == 0 or step == tc.steps:
+                    path = save_checkpoint(accelerator, checkpoints, step, keep_last=tc.keep_last,
+                                           extra={"mlflow_run_id": run_id, "epoch": epoch, "history": history})
+                    if accelerator.is_main_process:
+                        tracking.log_checkpoint(path, step)
+                if tc.validate_every and step % tc.validate_every == 0 and accelerator.is_main_process:
+                    video = sample_video(accelerator.unwrap_model(model), cfg, test_split, test_embeddings,
+                                         samples_dir, step)
+                    tracking.log_video(video)
+                if step >= tc.steps:
+                    break
+            epoch += 1
+
+        accelerator.wait_for_everyone()
+        seconds = time.perf_counter() - started
+        result = {}
+        if accelerator.is_main_process:
+            unwrapped = accelerator.unwrap_model(model)
+            target = save_model(unwrapped, cfg, Path(tc.models_dir) / tc.variant)
+            tracking.log_model_dir(target)
+            plot = loss_plot(history, samples_dir / "loss.png", title=f"training loss ({tc.variant})")
+            tracking.log_artifact(plot, "plots")
+            losses = [v for _, v in history]
+            tail = losses[-10:] or [float("nan")]
+            result = {
+                "variant": tc.variant, "steps": step, "run_key": key, "mlflow_run_id": run_id,
+                "first_loss": round(losses[0], 6) if losses else None,
+                "final_loss": round(float(np.mean(tail)), 6),
+                "seconds": round(seconds, 2),
+                "samples_per_second": round(samples / max(seconds, 1e-9), 3),
+                "trainable_parameters": int(n_trainable),
+                "model_dir": str(target),
+            }
+            write_json_atomic(metrics_path(cfg), result)
+            tracking.log_step({"final_loss": result["final_loss"]}, step)
+    accelerator.end_training()
+    return result
