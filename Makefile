@@ -11,6 +11,9 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+# OpenMP threads that spin while waiting make torch 10-40x slower as soon as another process shares the
+# 2 cores (pytest -n 2, Ray workers, a DVC stage beside a test): let them sleep instead
+export OMP_WAIT_POLICY := PASSIVE
 PYTEST_ARGS ?= -n 2
 # this machine's pip config names index folders that do not exist; pip warns about each package
 PIP_NOISE := ^WARNING: Location .* is ignored

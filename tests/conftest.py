@@ -16,6 +16,10 @@ import uuid
 
 import pytest
 
+# Before anything imports torch: spinning OpenMP threads make torch 10-40x slower when the two xdist
+# workers share the 2 cores; sleeping threads cost nothing measurable.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 # Harmless everywhere: no usage reports, no online look-ups (the machines have no internet).
 QUIET_ENV = {
     "DVC_NO_ANALYTICS": "1",

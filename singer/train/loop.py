@@ -122,10 +122,11 @@ def save_model(model, cfg: Config, target: Path) -> Path:
 
 def train(cfg: Config) -> dict:
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
 
     from singer import tracking
     from singer.models.singer import SingerModel
+    from singer.train import check_world_size, want_cpu
     from singer.train.checkpoint import resume, save_checkpoint
     from singer.train.media_log import loss_plot
 
@@ -136,10 +137,14 @@ def train(cfg: Config) -> dict:
         log.warning("mixed precision %s needs a GPU here; training in fp32", mixed)
         mixed = "no"
     accelerator = Accelerator(
+        cpu=want_cpu(),  # without it a 2-process CPU launch silently runs two separate trainings
         gradient_accumulation_steps=tc.gradient_accumulation,
         mixed_precision=mixed,
+        # the sampler's shuffle is part of the saved state, so a resumed run sees the same batches
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    check_world_size(accelerator)
     set_seed(tc.seed)
     model = SingerModel.build(cfg.model, resolution=cfg.crop.resolution, fps=float(cfg.clip.fps), seed=tc.seed)
     trainable = model.set_trainable(list(tc.trainable))
@@ -173,10 +178,15 @@ def train(cfg: Config) -> dict:
         run_id = run.info.run_id if run is not None else None
         if step:
             accelerator.print(f"resumed from {state['checkpoint']} at step {step}")
-        epoch = step * tc.batch_size * tc.gradient_accumulation // max(1, len(dataset))
+        per_epoch = max(1, len(loader) // tc.gradient_accumulation)
+        epoch, skip = divmod(step, per_epoch)
         while step < tc.steps:
             dataset.epoch = epoch
-            for batch in loader:
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(epoch)
+            batches = accelerator.skip_first_batches(loader, skip * tc.gradient_accumulation) if skip else loader
+            skip = 0
+            for batch in batches:
                 with accelerator.accumulate(model):
                     loss, _ = model(batch)
                     accelerator.backward(loss)
