@@ -91,3 +91,44 @@ def s3_bucket(s3_env):
     name = f"t-{uuid.uuid4().hex[:12]}"
     ensure_bucket(name, client=s3_env.client())
     yield name
+
+
+@pytest.fixture(scope="session")
+def tiny_project(tmp_path_factory):
+    """A project folder with the repository's params.yaml and a small synthetic corpus taken through
+    ingest -> clip -> crop -> split (3 subjects, two 2-s clips each). Tests must not modify it; copy it."""
+    import shutil
+    from pathlib import Path
+
+    from singer.config import load_config
+    from singer.data.clip import run_clip
+    from singer.data.crop import run_crop
+    from singer.data.ingest import run_ingest
+    from singer.data.split import run_split
+    from singer.data.synth import synthesize_corpus
+
+    root = tmp_path_factory.mktemp("tiny_project")
+    shutil.copy(Path(__file__).resolve().parents[1] / "params.yaml", root / "params.yaml")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        cfg = load_config()
+        synthesize_corpus(cfg.paths.raw, subjects=3, seconds=4.2, seed=0, size=192, fps=[25.0], progress=False)
+        for stage in (run_ingest, run_clip, run_crop, run_split):
+            stage(cfg, progress=False)
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+@pytest.fixture
+def project_copy(tiny_project, tmp_path, monkeypatch):
+    """A private copy of `tiny_project`, as the working directory, with its own MLflow store."""
+    import shutil
+
+    dest = tmp_path / "project"
+    shutil.copytree(tiny_project, dest, symlinks=True)
+    monkeypatch.chdir(dest)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{dest / 'mlflow.db'}")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    return dest

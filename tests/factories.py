@@ -107,3 +107,22 @@ def truncated(src: Path, dst: Path, keep: float = 0.4) -> Path:
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.write_bytes(data[: int(len(data) * keep)])
     return dst
+
+
+def tiny_batch(batch: int = 2, frames: int = 8, motion: int = 2, size: int = 64, seed: int = 0) -> dict:
+    """A random training batch shaped like SingerClipDataset's items plus face embeddings."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.zeros(batch, 3, size, size)
+    masks[:, 2, 4:-4, 4:-4] = 1          # pose
+    masks[:, 0, 10:-10, 12:-12] = 1      # face
+    masks[:, 1, 40:52, 24:40] = 1        # lip
+    return {
+        "frames": torch.rand(batch, 3, frames, size, size, generator=g) * 2 - 1,
+        "motion": torch.rand(batch, 3, motion, size, size, generator=g) * 2 - 1,
+        "reference": torch.rand(batch, 3, size, size, generator=g) * 2 - 1,
+        "audio": torch.randn(batch, 16000 * frames // 25, generator=g) * 0.1,
+        "masks": masks,
+        "face_embedding": torch.randn(batch, 128, generator=g) * 0.1,
+    }

@@ -1,0 +1,218 @@
+"""A user's portrait -> the model's reference inputs, cropped exactly as the crop stage crops training clips.
+
+    image = load_image("portrait.jpg")                    # uint8 RGB (H, W, 3); InputError on a bad file
+    ref = prepare_reference(image, resolution=64)         # or prepare_reference("portrait.jpg", 64)
+    ref["image"]      (64, 64, 3) uint8  the face crop (scale 0.8: the face spans 0.8 of the side)
+    ref["landmarks"]  (68, 2) float32    dlib's 68 points in crop pixels (pixel centres are integers)
+    ref["masks"]      {"face", "lip", "pose"}: (64, 64) uint8 {0, 1}
+    ref["crop_box"]   (x0, y0, x1, y1) of the crop in source pixels; ref["score"] the detector's score
+
+Detection (``find_face``), the crop stage's rules on one frame:
+* HOG on the image downscaled so its long side is at most ``detect_max_side`` (320), upsampling x1 then x2 only
+  when nothing is found (HOG's window is 80 px); candidates scoring below ``min_face_score`` (0.3) are ignored
+  (with upsampling HOG reports weak false faces, e.g. 0.12 on the astronaut's flag).
+* Faces are counted a second time on the whole image rescaled so that the found face measures 170 px (a face
+  half its size is then still above HOG's window). Another candidate scoring >= ``min_face_score`` whose box is at
+  least ``second_face_ratio`` (0.5) of the main one's size, and which does not overlap it, is a second face:
+  ``ManyFacesError``. Judged by score and size, not by count (DESIGN section 6).
+* The 68 landmarks are fitted on the full-resolution image.
+
+Cropping reuses ``singer.data.crop`` (``crop_geometry`` / ``crop_frame`` / ``to_crop`` / ``make_masks``) on a
+one-frame track, so a portrait is cropped like the reference frame of a training clip.
+
+Errors are one line each and subclass ``InputError`` (a ``ValueError``): ``NoFaceError``, ``ManyFacesError``,
+and ``InputError`` itself for files that are missing or not images.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+__all__ = [
+    "FaceDetection",
+    "InputError",
+    "ManyFacesError",
+    "NoFaceError",
+    "as_rgb_uint8",
+    "find_face",
+    "load_image",
+    "prepare_reference",
+]
+
+Box = tuple[float, float, float, float]
+
+MIN_FACE_SCORE = 0.3      # = CropConfig.min_face_score
+SECOND_FACE_RATIO = 0.5   # = CropConfig.second_face_ratio
+DETECT_MAX_SIDE = 320     # = CropConfig.detect_max_side
+HOG_MIN_FACE = 85         # px: the smallest face HOG finds reliably without upsampling (window 80 px)
+MAX_COUNT_SIDE = 1280     # long-side cap of the rescaled image used to count faces
+SAME_FACE_IOU = 0.3       # candidates overlapping the main face this much are the same face
+
+
+class InputError(ValueError):
+    """A user-supplied input (image, audio, file) that cannot be used; the message is one line."""
+
+
+class NoFaceError(InputError):
+    """No face was found."""
+
+
+class ManyFacesError(InputError):
+    """More than one face was found."""
+
+
+@dataclass
+class FaceDetection:
+    box: Box                      # (x0, y0, x1, y1) in source pixels
+    score: float                  # dlib HOG score
+    landmarks: np.ndarray         # (68, 2) float32, source pixels
+    candidates: list[tuple[Box, float]] = field(default_factory=list)  # every candidate >= min score
+
+    @property
+    def side(self) -> float:
+        return _side(self.box)
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """Read an image file as uint8 RGB (H, W, 3), honouring EXIF orientation. Raises ``InputError``."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"image file not found: {path}")
+    if not path.is_file():
+        raise InputError(f"not a file: {path}")
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"cannot read {path} as an image ({reason})") from exc
+
+
+def as_rgb_uint8(image: np.ndarray, what: str = "the image") -> np.ndarray:
+    """Validate and convert to contiguous uint8 RGB (H, W, 3): grey is replicated, alpha dropped."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise InputError(f"{what} must be uint8 (0-255), got {image.dtype}")
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)
+    elif image.ndim == 3 and image.shape[-1] == 4:
+        image = image[..., :3]
+    elif image.ndim == 3 and image.shape[-1] == 1:
+        image = np.repeat(image, 3, axis=-1)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise InputError(f"{what} must be (H, W), (H, W, 3) or (H, W, 4), got shape {image.shape}")
+    if min(image.shape[:2]) < 8:
+        raise InputError(f"{what} is too small ({image.shape[1]}x{image.shape[0]} pixels)")
+    return np.ascontiguousarray(image)
+
+
+def _side(box: Box) -> float:
+    return float(max(box[2] - box[0], box[3] - box[1]))
+
+
+def _iou(a: Box, b: Box) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _detect_scaled(image: np.ndarray, scale: float, upsample: int) -> list[tuple[Box, float]]:
+    """HOG on the image rescaled by `scale` (then dlib-upsampled); boxes in source pixels, best first."""
+    from singer.data import landmarks as lmk
+
+    h, w = image.shape[:2]
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    work = image
+    if size != (w, h):
+        interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+        work = cv2.resize(image, size, interpolation=interp)
+    sx, sy = size[0] / w, size[1] / h
+    out = []
+    for (x0, y0, x1, y1), score in lmk.detect_faces(work, upsample):
+        out.append((((x0 + 0.5) / sx - 0.5, (y0 + 0.5) / sy - 0.5, (x1 + 0.5) / sx - 0.5, (y1 + 0.5) / sy - 0.5),
+                    float(score)))
+    return out
+
+
+def find_face(
+    image_rgb: np.ndarray,
+    what: str = "the image",
+    min_face_score: float = MIN_FACE_SCORE,
+    second_face_ratio: float = SECOND_FACE_RATIO,
+    detect_max_side: int = DETECT_MAX_SIDE,
+) -> FaceDetection:
+    """The one face of an image and its 68 landmarks. Raises ``NoFaceError`` / ``ManyFacesError``.
+
+    dlib is not thread-safe: call this from one thread per process.
+    """
+    from singer.data import landmarks as lmk
+
+    image = as_rgb_uint8(image_rgb, what)
+    h, w = image.shape[:2]
+    scale = min(1.0, detect_max_side / max(h, w))
+    faces: list[tuple[Box, float]] = []
+    for upsample in (0, 1, 2):
+        faces = [f for f in _detect_scaled(image, scale, upsample) if f[1] >= min_face_score]
+        if faces:
+            break
+    if not faces:
+        raise NoFaceError(f"no face found in {what}")
+    box, score = faces[0]
+    side = _side(box)
+    # Count faces where a face `second_face_ratio` times this one still measures HOG_MIN_FACE pixels.
+    target = HOG_MIN_FACE / max(second_face_ratio, 1e-3)
+    count_scale = min(target / max(side, 1.0), MAX_COUNT_SIDE / max(h, w))
+    extra = [f for f in _detect_scaled(image, count_scale, 0) if f[1] >= min_face_score]
+    candidates = sorted(faces + extra, key=lambda f: -f[1])
+    others = [f for f in candidates
+              if _iou(f[0], box) < SAME_FACE_IOU and _side(f[0]) >= second_face_ratio * side]
+    if others:
+        o_box, o_score = others[0]
+        raise ManyFacesError(
+            f"several faces in {what} (another face with score {o_score:.2f}, "
+            f"{_side(o_box) / side:.0%} of the main face's size); use a portrait with one face"
+        )
+    landmarks = lmk.landmarks68(image, box)
+    return FaceDetection(box=box, score=float(score), landmarks=landmarks, candidates=candidates)
+
+
+def prepare_reference(
+    image: np.ndarray | str | os.PathLike,
+    resolution: int,
+    scale: float = 0.8,
+    what: str | None = None,
+) -> dict:
+    """Crop a portrait as the crop stage does: see the module docstring for the returned dict."""
+    from singer.config import CropConfig
+    from singer.data.crop import crop_frame, crop_geometry, make_masks, to_crop
+
+    if isinstance(image, (str, os.PathLike)):
+        what = what or str(image)
+        image = load_image(image)
+    what = what or "the image"
+    image = as_rgb_uint8(image, what)
+    det = find_face(image, what)
+    cc = CropConfig(resolution=int(resolution), scale=float(scale))
+    lm_src = det.landmarks.astype(np.float64)[None]  # (1, 68, 2)
+    geo = crop_geometry(lm_src, np.ones(1, dtype=bool), cc)
+    crop = crop_frame(image, geo.centres[0], geo.side, cc.resolution)
+    landmarks = to_crop(lm_src, geo.centres, geo.side, cc.resolution).astype(np.float32)
+    masks = make_masks(landmarks, cc.resolution)
+    return {
+        "image": crop,
+        "landmarks": landmarks[0],
+        "masks": masks,
+        "crop_box": tuple(float(v) for v in geo.boxes()[0]),
+        "score": det.score,
+        "source_landmarks": det.landmarks,
+    }

@@ -1,0 +1,89 @@
+"""The noise scheduler: DDIM with v-prediction and zero terminal SNR, Hallo's settings.
+
+    scheduler = make_scheduler(cfg.model)                 # diffusers.DDIMScheduler, used for training and sampling
+    t = sample_timesteps(scheduler, batch, generator=g)   # (B,) long, uniform over [0, num_train_timesteps)
+    x_t = add_noise(scheduler, x0, noise, t)              # any (B, ...) shape, e.g. (B, C, F, h, w)
+    target = training_target(scheduler, x0, noise, t)     # v (v_prediction), noise (epsilon) or x0 (sample)
+
+Settings (Hallo ``configs/inference/default.yaml`` ``noise_scheduler_kwargs`` plus the zero-SNR overrides of its
+scripts): betas from ``model.beta_start / beta_end / beta_schedule`` (0.00085, 0.012, "linear"),
+``clip_sample=False``, ``steps_offset=1``, ``set_alpha_to_one=True``, ``rescale_betas_zero_snr=True``,
+``timestep_spacing="trailing"``, ``prediction_type=model.prediction_type`` ("v_prediction").
+
+With zero terminal SNR, ``alphas_cumprod[-1] == 0``: ``x_T`` is pure noise and an epsilon-predicting model cannot
+recover ``x0`` from it (DDIM divides by ``sqrt(alphas_cumprod)``), so ``make_scheduler`` refuses
+``prediction_type="epsilon"`` unless ``zero_snr=False``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler
+
+__all__ = ["add_noise", "make_scheduler", "sample_timesteps", "training_target", "velocity_target"]
+
+
+def make_scheduler(model_cfg: Any, zero_snr: bool = True) -> DDIMScheduler:
+    prediction = str(model_cfg.prediction_type)
+    if prediction not in ("v_prediction", "epsilon", "sample"):
+        raise ValueError(f"unknown model.prediction_type {prediction!r} (v_prediction | epsilon | sample)")
+    if zero_snr and prediction == "epsilon":
+        raise ValueError("zero terminal SNR needs model.prediction_type v_prediction (or sample), not epsilon")
+    return DDIMScheduler(
+        num_train_timesteps=int(model_cfg.num_train_timesteps),
+        beta_start=float(model_cfg.beta_start),
+        beta_end=float(model_cfg.beta_end),
+        beta_schedule=str(model_cfg.beta_schedule),
+        clip_sample=False,
+        set_alpha_to_one=True,
+        steps_offset=1,
+        prediction_type=prediction,
+        rescale_betas_zero_snr=bool(zero_snr),
+        timestep_spacing="trailing" if zero_snr else "leading",
+    )
+
+
+def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.reshape(values.shape[0], *([1] * (like.ndim - 1)))
+
+
+def _alphas(scheduler: DDIMScheduler, x0: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    ac = scheduler.alphas_cumprod.to(device=x0.device)[timesteps.to(x0.device).long()]
+    sqrt_a = _expand(ac.sqrt(), x0).to(x0.dtype)
+    sqrt_1ma = _expand((1 - ac).sqrt(), x0).to(x0.dtype)
+    return sqrt_a, sqrt_1ma
+
+
+def add_noise(scheduler: DDIMScheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """``sqrt(a_t) x0 + sqrt(1 - a_t) noise`` for (B, ...) tensors and (B,) timesteps."""
+    sqrt_a, sqrt_1ma = _alphas(scheduler, x0, timesteps)
+    return sqrt_a * x0 + sqrt_1ma * noise
+
+
+def velocity_target(scheduler: DDIMScheduler, x0: torch.Tensor, noise: torch.Tensor,
+                    timesteps: torch.Tensor) -> torch.Tensor:
+    """``v = sqrt(a_t) noise - sqrt(1 - a_t) x0`` (what ``scheduler.get_velocity`` computes)."""
+    sqrt_a, sqrt_1ma = _alphas(scheduler, x0, timesteps)
+    return sqrt_a * noise - sqrt_1ma * x0
+
+
+def training_target(scheduler: DDIMScheduler, x0: torch.Tensor, noise: torch.Tensor,
+                    timesteps: torch.Tensor) -> torch.Tensor:
+    """The regression target for the scheduler's prediction type."""
+    kind = scheduler.config.prediction_type
+    if kind == "v_prediction":
+        return velocity_target(scheduler, x0, noise, timesteps)
+    if kind == "epsilon":
+        return noise
+    if kind == "sample":
+        return x0
+    raise ValueError(f"unknown prediction_type {kind!r}")
+
+
+def sample_timesteps(scheduler: DDIMScheduler, batch: int, generator: torch.Generator | None = None,
+                     device: torch.device | str | None = None) -> torch.Tensor:
+    """(batch,) training timesteps, uniform over [0, num_train_timesteps)."""
+    t = torch.randint(0, int(scheduler.config.num_train_timesteps), (batch,), generator=generator)
+    return t.to(device) if device is not None else t
