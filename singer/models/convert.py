@@ -168,9 +168,15 @@ def map_key(source: str, key: str) -> str | None:
 
 def _adapt(source: str, key: str, target: str, tensor: torch.Tensor) -> torch.Tensor:
     """Layout fixes: very old VAE attention weights stored as 1x1 convs become Linear weights."""
-    if source == "sd_vae" and tensor.ndim == 4 and ".attentions." in target and target.endswith(".weight"):
-        if tensor.shape[-2:] == (1, 1) and not target.endswith("group_norm.weight"):
-            tensor = tensor[:, :, 0, 0]
+    if (
+        source == "sd_vae"
+        and tensor.ndim == 4
+        and tensor.shape[-2:] == (1, 1)
+        and ".attentions." in target
+        and target.endswith(".weight")
+        and not target.endswith("group_norm.weight")
+    ):
+        tensor = tensor[:, :, 0, 0]
     return tensor
 
 

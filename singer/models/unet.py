@@ -23,7 +23,9 @@ regrouped), and:
   attention, AnimateAnyone/Hallo);
 * the motion frames (R > 1): ``motion_frames_mode="temporal"`` (default, Hallo) prepends their tokens to the
   frame axis of the motion module that follows the layer (temporal context from the previous window);
-  ``"spatial"`` appends them to the self-attention keys/values like the reference frame.
+  ``"spatial"`` appends them to the self-attention keys/values like the reference frame. (Hallo trained its
+  released weights the "temporal" way: stage 2 runs with gradient checkpointing, whose code path prepends the
+  motion frames in every cross-attention block; without motion modules the motion frames are not used.)
 """
 
 from __future__ import annotations
