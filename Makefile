@@ -42,15 +42,23 @@ test-fast: install
 lint: install
 	$(VENV)/bin/ruff check singer tests benchmarks
 
-# The demo at this stage: a synthetic corpus, then the data stages through `split` with DVC.
+# The demo: a synthetic corpus, the pipeline through training with DVC, then a video of a held-out singer.
 demo: install
 	@test -d data/raw || singer synth --out data/raw
-	dvc repro split
+	dvc repro train
 	dvc metrics show
-	@echo; echo "Outputs: data/split/{train,test}.txt, reports/*.validation.md, metrics/*.json"
+	python -m singer.demo --out outputs
+	singer generate --image outputs/portrait.png --audio outputs/song.wav --output outputs/demo.mp4 --model models/full
+	@echo
+	@echo "Video:      outputs/demo.mp4 (a held-out synthetic singer, tiny model trained on CPU)"
+	@echo "Data:       data/split/{train,test}.txt, reports/*.validation.md, metrics/*.json"
+	@echo "MLflow UI:  .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db  (http://127.0.0.1:5000)"
 
 bench: install
 	$(PY) benchmarks/preprocess.py
+	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/generate.py
+	$(PY) benchmarks/gpu_paper.py
 
 s3-up: install
 	singer s3 up
@@ -58,4 +66,4 @@ s3-down: install
 	singer s3 down
 
 clean-data:
-	rm -rf data/ingested data/clips data/crops data/split metrics reports
+	rm -rf data/ingested data/clips data/crops data/split models/full checkpoints outputs

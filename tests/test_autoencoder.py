@@ -37,25 +37,27 @@ def _video(b=2, f=5, h=64, w=48, seed=0):
 def test_pixel_shuffle_exact_round_trip(tiny):
     vae = load_autoencoder(tiny)
     assert isinstance(vae, PixelShuffleAutoencoder)
-    assert vae.config.latent_channels == tiny.latent_channels == 12
+    f = tiny.pixel_shuffle_factor
+    assert vae.config.latent_channels == tiny.latent_channels == 3 * f * f
     assert vae.config.scaling_factor == 1.0 and vae.config.shift_factor is None
-    assert vae_scale_factor(vae) == 2 and list(vae.parameters()) == []
+    assert vae_scale_factor(vae) == f and list(vae.parameters()) == []
     x = _video()[:, :, 0]
     dist = vae.encode(x).latent_dist
     z = dist.sample()
-    assert z.shape == (2, 12, 32, 24)
+    assert z.shape == (2, 3 * f * f, 64 // f, 48 // f)
     assert torch.equal(z, dist.mode()) and torch.equal(z, dist.sample(torch.Generator().manual_seed(1)))
     assert torch.equal(vae.decode(z).sample, x)
     assert torch.equal(vae(x).sample, x)
-    # channel layout: pixel (0, 0) of each 2x2 block is latent channel 0
-    assert torch.equal(z[:, 0], x[:, 0, ::2, ::2])
+    # channel layout: pixel (0, 0) of each f x f block is latent channel 0
+    assert torch.equal(z[:, 0], x[:, 0, ::f, ::f])
 
 
 def test_pixel_shuffle_video_helpers(tiny):
     vae = load_autoencoder(tiny)
     frames = _video()
     z = encode_video(vae, frames, chunk_size=3)
-    assert z.shape == (2, 12, 5, 32, 24)
+    f = tiny.pixel_shuffle_factor
+    assert z.shape == (2, 3 * f * f, 5, 64 // f, 48 // f)
     assert torch.equal(decode_video(vae, z, chunk_size=4), frames)
     # frame t of the latent video is the encoding of frame t
     assert torch.equal(z[:, :, 3], vae.encode(frames[:, :, 3]).latent_dist.mode())
