@@ -80,7 +80,7 @@ def main() -> int:
     names = set(model.set_trainable(list(cfg.train.trainable)))
     for name, p in model.named_parameters():
         p.data = p.data.to(device, torch.float32 if name in names else torch.bfloat16)
-    for name, b in model.named_buffers():
+    for b in model.buffers():
         b.data = b.data.to(device)
     if not args.no_checkpointing:
         model.denoising_unet.enable_gradient_checkpointing()

@@ -94,8 +94,9 @@ def test_twenty_steps_lower_the_loss(cfg):
 
 
 def test_msm_runs_once_per_denoising_step(cfg):
-    from singer.models.reference import prepare_reference
     from skimage import data
+
+    from singer.models.reference import prepare_reference
 
     model = build(cfg)
     pipe = SingerPipeline.from_model(model, cfg.crop.resolution)

@@ -53,8 +53,9 @@ def test_killed_training_resumes_from_its_checkpoint(project_copy):
 
 @pytest.mark.slow
 def test_training_logs_params_checkpoints_samples_and_the_model(project_copy):
-    from singer.cli import app
     from typer.testing import CliRunner
+
+    from singer.cli import app
 
     result = CliRunner().invoke(app, ["train", "--no-launch", "-S", "train.steps=4", "-S", "train.checkpoint_every=2",
                                       "-S", "train.validate_every=4", "-S", "train.validate_frames=8",

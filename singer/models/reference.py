@@ -33,6 +33,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from singer.data.crop import _iou, _side  # one definition of box size and overlap for crops and portraits
+
 __all__ = [
     "FaceDetection",
     "InputError",
@@ -112,18 +114,6 @@ def as_rgb_uint8(image: np.ndarray, what: str = "the image") -> np.ndarray:
     if min(image.shape[:2]) < 8:
         raise InputError(f"{what} is too small ({image.shape[1]}x{image.shape[0]} pixels)")
     return np.ascontiguousarray(image)
-
-
-def _side(box: Box) -> float:
-    return float(max(box[2] - box[0], box[3] - box[1]))
-
-
-def _iou(a: Box, b: Box) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def _detect_scaled(image: np.ndarray, scale: float, upsample: int) -> list[tuple[Box, float]]:

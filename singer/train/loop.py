@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from singer.config import Config
-from singer.data.dataset import SingerClipDataset, to_uint8_video
+from singer.data.dataset import SingerClipDataset
 from singer.io import write_json_atomic
 
 log = logging.getLogger("singer.train")
