@@ -1,0 +1,103 @@
+"""BAS, the Beat Align Score of Bailando (Siyao et al. 2022, github.com/lisiyao21/Bailando,
+``utils/metrics_new.py``: ``calc_db`` and ``BA``), with face landmarks in place of body joints.
+
+Definitions used:
+* music beats: ``librosa.effects.percussive`` of the audio, ``librosa.onset.onset_strength(y=perc, sr,
+  hop_length=hop, aggregate=np.median)``, ``librosa.beat.beat_track(onset_envelope=env, sr, hop_length=hop)``
+  with hop = round(sr / fps) samples (one onset frame per video frame); each beat's time
+  (beat_frame * hop / sr) is mapped to the nearest video frame, beats at or after `n_frames` dropped.
+* motion beats: kinetic velocity v[i] = mean over the 68 points of |lm[i+1] - lm[i]| (i = 0..T-2, as
+  Bailando indexes it), Gaussian-smoothed (``scipy.ndimage.gaussian_filter1d``, sigma 5 frames), motion
+  beats = its local minima (``scipy.signal.argrelextrema(v, np.less)``).
+* score = mean over music beats b of exp(-d(b)^2 / (2 * 9)), d(b) = distance in frames to the nearest
+  motion beat. In [0, 1]; higher is better.
+Frames without a face (NaN rows) are filled by linear interpolation before the velocity is taken.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from singer.evaluate.metrics.base import MetricResult, as_landmarks, valid_rows, video_landmarks
+
+SIGMA_FRAMES = 5.0
+BEAT_SIGMA2 = 9.0  # the 9 of exp(-d^2 / 2 / 9)
+
+
+def bas_from_beats(music_beats, motion_beats) -> float:
+    """Bailando's BA: mean over music beats of exp(-min_m (m - b)^2 / 18). NaN if either set is empty."""
+    music = np.asarray(music_beats, np.float64).ravel()
+    motion = np.asarray(motion_beats, np.float64).ravel()
+    if music.size == 0 or motion.size == 0:
+        return float("nan")
+    d2 = ((motion[None, :] - music[:, None]) ** 2).min(axis=1)
+    return float(np.mean(np.exp(-d2 / 2.0 / BEAT_SIGMA2)))
+
+
+def music_beats(audio: np.ndarray, sr: int, fps: float, n_frames: int | None = None) -> np.ndarray:
+    """Beat positions as video frame indices (int array, increasing)."""
+    import librosa
+
+    y = np.asarray(audio, np.float32).ravel()
+    if y.size == 0:
+        return np.zeros(0, int)
+    hop = max(1, int(round(sr / fps)))
+    perc = librosa.effects.percussive(y)
+    env = librosa.onset.onset_strength(y=perc, sr=sr, hop_length=hop, aggregate=np.median)
+    _, beats = librosa.beat.beat_track(onset_envelope=env, sr=sr, hop_length=hop)
+    frames = np.round(np.asarray(beats, np.float64) * hop / sr * fps).astype(int)
+    if n_frames is not None:
+        frames = frames[frames < int(n_frames)]
+    return np.unique(frames)
+
+
+def kinetic_velocity(landmarks: np.ndarray, sigma: float = SIGMA_FRAMES) -> np.ndarray:
+    """(T-1,) smoothed mean landmark displacement between consecutive frames."""
+    from scipy.ndimage import gaussian_filter1d
+
+    lm = as_landmarks(landmarks).copy()
+    ok = valid_rows(lm)
+    if ok.sum() < 2:
+        raise ValueError("fewer than 2 frames with landmarks")
+    if not ok.all():  # interpolate missing frames coordinate-wise
+        t = np.arange(len(lm))
+        flat = lm.reshape(len(lm), -1)
+        for c in range(flat.shape[1]):
+            flat[~ok, c] = np.interp(t[~ok], t[ok], flat[ok, c])
+        lm = flat.reshape(lm.shape)
+    vel = np.linalg.norm(lm[1:] - lm[:-1], axis=-1).mean(axis=1)
+    return gaussian_filter1d(vel, sigma) if sigma > 0 else vel
+
+
+def motion_beats(landmarks: np.ndarray, sigma: float = SIGMA_FRAMES) -> np.ndarray:
+    """Local minima of the smoothed kinetic velocity (indices into the (T-1,) velocity, as Bailando)."""
+    from scipy.signal import argrelextrema
+
+    return argrelextrema(kinetic_velocity(landmarks, sigma), np.less)[0]
+
+
+def bas(landmarks: np.ndarray, audio: np.ndarray, sr: int, fps: float) -> MetricResult:
+    lm = as_landmarks(landmarks)
+    ok = valid_rows(lm)
+    if ok.sum() < 2:
+        return MetricResult.unavailable("fewer than 2 frames with a face", missing=int((~ok).sum()))
+    music = music_beats(audio, sr, fps, len(lm))
+    motion = motion_beats(lm)
+    if music.size == 0:
+        return MetricResult.unavailable("no music beat found in the audio", motion_beats=int(motion.size))
+    if motion.size == 0:
+        return MetricResult.unavailable("no motion beat (the smoothed velocity has no local minimum)",
+                                        music_beats=int(music.size))
+    return MetricResult.ok(bas_from_beats(music, motion), music_beats=int(music.size),
+                           motion_beats=int(motion.size), missing=int((~ok).sum()))
+
+
+def metric(*, generated=None, gen_landmarks=None, audio=None, sample_rate=None, fps=None, upsample=None,
+           **_) -> MetricResult:
+    if audio is None or sample_rate is None or fps is None:
+        return MetricResult.unavailable("BAS needs the audio, its sample rate and the video fps")
+    if gen_landmarks is None and generated is not None:
+        gen_landmarks = video_landmarks(generated, upsample)
+    if gen_landmarks is None:
+        return MetricResult.unavailable("BAS needs generated frames (or their landmarks)")
+    return bas(gen_landmarks, audio, int(sample_rate), float(fps))

@@ -1,0 +1,230 @@
+"""FVD and LSE-D/C: the maths without weights, the networks on random weights, the loaders' refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from singer.evaluate.metrics import fvd as fvd_mod
+from singer.evaluate.metrics import lse as lse_mod
+from singer.evaluate.metrics.fvd import frechet_distance, fvd, fvd_from_features, gaussian_stats
+from singer.evaluate.metrics.lse import lse, lse_from_distances, psf_mfcc, sync_distances
+from singer.evaluate.networks.i3d import InceptionI3d, WeightsUnavailable, load_i3d
+from singer.evaluate.networks.syncnet import SyncNet, load_syncnet
+
+# --------------------------------------------------------------------------- Fréchet distance
+
+
+def test_frechet_1d_closed_form():
+    m1, s1, m2, s2 = 0.3, 2.0, -1.2, 0.5
+    expected = (m1 - m2) ** 2 + s1 + s2 - 2 * np.sqrt(s1 * s2)
+    got = frechet_distance(np.array([m1]), np.array([[s1]]), np.array([m2]), np.array([[s2]]))
+    assert got == pytest.approx(expected, rel=1e-10)
+
+
+def test_frechet_diagonal_closed_form():
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=5), rng.normal(size=5)
+    d1, d2 = rng.uniform(0.1, 3, 5), rng.uniform(0.1, 3, 5)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum(d1 + d2 - 2 * np.sqrt(d1 * d2))
+    assert frechet_distance(mu1, np.diag(d1), mu2, np.diag(d2)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_identical_sets_is_zero_even_rank_deficient():
+    feats = np.random.default_rng(1).normal(size=(6, 100))  # 6 samples, 100-d: singular covariance
+    mu, sigma = gaussian_stats(feats)
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-3
+    r = fvd_from_features(feats, feats)
+    assert r.status == "ok" and abs(r.value) < 1e-3
+    assert (
+        r.details["n_clips_real"] == 6
+        and r.details["rank_deficient"] is True
+        and "rank-deficient" in r.reason
+    )
+
+
+def test_fvd_from_features_grows_with_shift_and_needs_two_clips():
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(50, 8))
+    assert fvd_from_features(a, a + 1.0).value > fvd_from_features(a, a + 0.1).value > 0
+    assert fvd_from_features(a[:1], a).status == "unavailable"
+
+
+# --------------------------------------------------------------------------- I3D
+
+
+def test_i3d_state_dict_names_match_the_pytorch_port():
+    keys = set(InceptionI3d().state_dict())
+    for k in (
+        "Conv3d_1a_7x7.conv3d.weight",
+        "Conv3d_1a_7x7.bn.running_var",
+        "Conv3d_2c_3x3.conv3d.weight",
+        "Mixed_3b.b0.conv3d.weight",
+        "Mixed_4f.b1b.conv3d.weight",
+        "Mixed_5c.b3b.bn.weight",
+        "logits.conv3d.weight",
+        "logits.conv3d.bias",
+    ):
+        assert k in keys
+    sd = InceptionI3d().state_dict()
+    assert sd["logits.conv3d.weight"].shape == (400, 1024, 1, 1, 1)
+    assert sd["Conv3d_1a_7x7.conv3d.weight"].shape == (64, 3, 7, 7, 7)
+    assert sd["Mixed_5c.b1b.conv3d.weight"].shape == (384, 192, 3, 3, 3)
+
+
+def test_i3d_full_forward_shape():  # about 1-2 s on 2 CPU cores
+    torch.manual_seed(0)
+    with torch.no_grad():
+        y = InceptionI3d().eval()(torch.rand(1, 3, 16, 224, 224) * 2 - 1)
+    assert y.shape == (1, 400) and torch.isfinite(y).all()
+
+
+def test_i3d_reduced_width_forward_shape():
+    with torch.no_grad():
+        y = InceptionI3d(width=0.125).eval()(torch.rand(2, 3, 16, 64, 64) * 2 - 1)
+    assert y.shape == (2, 400)
+
+
+def test_i3d_loader_roundtrip_and_refusals(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    ref = InceptionI3d().eval()
+    path = tmp_path / "i3d_pretrained_400.pt"
+    # old ports were saved before BatchNorm had num_batches_tracked: accept those files too
+    torch.save({k: v for k, v in ref.state_dict().items() if not k.endswith("num_batches_tracked")}, path)
+    loaded = load_i3d(path)
+    for k, v in ref.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    monkeypatch.setenv("SINGER_I3D_PATH", str(path))
+    assert isinstance(load_i3d(), InceptionI3d)
+
+    bad = tmp_path / "bad.pt"
+    torch.save({"foo.weight": torch.zeros(3)}, bad)
+    with pytest.raises(WeightsUnavailable, match="do not match"):
+        load_i3d(bad)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_i3d_torchscript_file_is_accepted(tmp_path):
+    class Fake(torch.nn.Module):
+        def forward(
+            self, x: torch.Tensor, rescale: bool = True, resize: bool = True, return_features: bool = False
+        ):
+            return x.mean(dim=(2, 3, 4))[:, :1].repeat(1, 400)
+
+    path = tmp_path / "i3d_torchscript.pt"
+    torch.jit.script(Fake()).save(str(path))
+    model = load_i3d(path)
+    assert model(torch.zeros(2, 3, 16, 8, 8)).shape == (2, 400)
+
+
+def test_fvd_unavailable_without_weights(tmp_path, monkeypatch):
+    monkeypatch.delenv("SINGER_I3D_PATH", raising=False)
+    video = np.zeros((16, 32, 32, 3), np.uint8)
+    r = fvd([video, video], [video, video])
+    assert r.status == "unavailable" and r.value is None and "SINGER_I3D_PATH" in r.reason
+    missing = tmp_path / "nope.pt"
+    r = fvd([video], [video], i3d_path=missing)
+    assert r.status == "unavailable" and str(missing) in r.reason
+
+
+def test_fvd_end_to_end_with_a_given_model():
+    rng = np.random.default_rng(3)
+    videos = [rng.integers(0, 256, (20, 40, 40, 3), dtype=np.uint8) for _ in range(2)]  # 1 clip each
+    model = InceptionI3d(width=0.125).eval()
+    same = fvd(videos, videos, model=model)
+    assert same.status == "ok" and abs(same.value) < 1e-3 and same.details["n_clips_real"] == 2
+    assert len(fvd_mod.video_clips(np.zeros((33, 8, 8, 3), np.uint8))) == 2
+    x = fvd_mod.preprocess_clips(fvd_mod.video_clips(np.concatenate([videos[0], videos[1]])))
+    assert x.shape == (2, 3, 16, 224, 224) and x.min() >= -1 and x.max() <= 1
+
+
+# --------------------------------------------------------------------------- LSE
+
+
+@pytest.mark.parametrize("k", [-7, -2, 0, 3, 11])
+def test_sync_search_finds_planted_offset(k):
+    rng = np.random.default_rng(4)
+    t, d = 40, 64
+    video = rng.normal(size=(t, d))
+    audio = rng.normal(size=(t, d))
+    # video frame i matches audio frame i - k (the reference's offset convention)
+    for i in range(t):
+        if 0 <= i - k < t:
+            audio[i - k] = video[i]
+    offsets, mdist = sync_distances(video, audio, vshift=15)
+    assert len(offsets) == len(mdist) == 31 and offsets[0] == 15 and offsets[-1] == -15
+    s = lse_from_distances(offsets, mdist)
+    assert s["offset"] == k
+    assert s["lse_d"] == pytest.approx(mdist.min()) and s["lse_c"] > 0
+    # the distance at the planted offset: 0 where matched, ||v_i|| where the zero padding is compared
+    expected = np.mean(
+        [1e-6 * np.sqrt(d) if 0 <= i - k < t else np.linalg.norm(video[i] + 1e-6) for i in range(t)]
+    )
+    assert s["lse_d"] == pytest.approx(expected, rel=1e-4, abs=1e-4)
+
+
+def test_lse_c_zero_for_flat_curve():
+    s = lse_from_distances(np.arange(15, -16, -1), np.full(31, 7.5))
+    assert s["lse_c"] == 0 and s["lse_d"] == 7.5
+
+
+def test_syncnet_shapes_and_names():
+    net = SyncNet().eval()
+    keys = set(net.state_dict())
+    for k in (
+        "netcnnaud.0.weight",
+        "netcnnaud.18.weight",
+        "netfcaud.3.weight",
+        "netcnnlip.0.weight",
+        "netcnnlip.19.running_var",
+        "netfclip.1.running_mean",
+    ):
+        assert k in keys, k
+    with torch.no_grad():
+        assert net.forward_lip(torch.rand(2, 3, 5, 224, 224) * 255).shape == (2, 1024)
+        assert net.forward_aud(torch.randn(2, 1, 13, 20)).shape == (2, 1024)
+
+
+def test_syncnet_loader(tmp_path, monkeypatch):
+    monkeypatch.delenv("SINGER_SYNCNET_PATH", raising=False)
+    with pytest.raises(WeightsUnavailable, match="SINGER_SYNCNET_PATH"):
+        load_syncnet()
+    net = SyncNet()
+    path = tmp_path / "syncnet_v2.model"
+    torch.save({f"__S__.{k}": v for k, v in net.state_dict().items()}, path)
+    monkeypatch.setenv("SINGER_SYNCNET_PATH", str(path))
+    assert torch.equal(load_syncnet().netfclip[3].weight, net.netfclip[3].weight)
+    torch.save(net, tmp_path / "pickled.model")  # a whole pickled model: refused, not unpickled
+    with pytest.raises(WeightsUnavailable, match="not a plain state dict"):
+        load_syncnet(tmp_path / "pickled.model")
+
+
+def test_lse_unavailable_without_weights(monkeypatch, tmp_path):
+    monkeypatch.delenv("SINGER_SYNCNET_PATH", raising=False)
+    out = lse(np.zeros((30, 64, 64, 3), np.uint8), np.zeros(19200), 16000)
+    assert set(out) == {"LSE-D", "LSE-C"}
+    assert all(r.status == "unavailable" and r.value is None for r in out.values())
+    out = lse(np.zeros((30, 64, 64, 3), np.uint8), np.zeros(19200), 16000, syncnet_path=tmp_path / "x.model")
+    assert "not found" in out["LSE-D"].reason
+
+
+def test_lse_end_to_end_windows_on_random_weights():
+    rng = np.random.default_rng(5)
+    frames = rng.integers(0, 256, (12, 48, 48, 3), dtype=np.uint8)  # 12 frames at 25 fps = 0.48 s
+    audio = rng.normal(scale=0.1, size=7680)
+    out = lse(frames, audio, 16000, model=SyncNet().eval())
+    assert out["LSE-D"].status == "ok" and out["LSE-D"].details["n_windows"] == 12 - 5
+    assert out["LSE-C"].value >= 0 and -15 <= out["LSE-D"].details["offset"] <= 15
+
+
+def test_psf_mfcc_framing_and_energy():
+    rng = np.random.default_rng(6)
+    sig = np.round(rng.normal(scale=3000, size=16000))
+    m = psf_mfcc(sig)
+    assert m.shape == (99, 13)  # 1 + ceil((16000 - 400) / 160) frames of 13
+    pre = np.append(sig[0], sig[1:] - 0.97 * sig[:-1])
+    energy0 = np.sum(np.abs(np.fft.rfft(pre[:400], 512)) ** 2) / 512
+    assert m[0, 0] == pytest.approx(np.log(energy0))
+    fb = lse_mod.psf_filterbanks()
+    assert fb.shape == (26, 257) and fb.max() <= 1 and (fb.sum(1) > 0).all()
