@@ -120,8 +120,9 @@ def test_msm_runs_once_per_denoising_step(cfg):
 def test_sampler_with_an_oracle_denoiser_reproduces_the_target(cfg, monkeypatch):
     """If the network predicted the exact v of a known video, the pipeline (noise, DDIM steps, guidance,
     windows, decoding) must return that video: this isolates sampling bugs from learning."""
-    from singer.models.reference import prepare_reference
     from skimage import data
+
+    from singer.models.reference import prepare_reference
 
     model = build(cfg)
     pipe = SingerPipeline.from_model(model, cfg.crop.resolution)
