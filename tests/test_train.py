@@ -45,9 +45,12 @@ def test_killed_training_resumes_from_its_checkpoint(project_copy):
     # the resumed run logs into the same MLflow run as the killed one
     import mlflow
 
-    runs = mlflow.search_runs(experiment_names=["singer"], output_format="list")
+    # an explicit client: an earlier in-process test may have set mlflow's global tracking URI
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project_copy / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("singer")
+    runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 1 and runs[0].info.run_id == metrics["mlflow_run_id"]
-    history = mlflow.MlflowClient().get_metric_history(runs[0].info.run_id, "loss")
+    history = client.get_metric_history(runs[0].info.run_id, "loss")
     assert sorted({m.step for m in history}) == [1, 2, 3, 4, 5, 6]
 
 
@@ -64,7 +67,7 @@ def test_training_logs_params_checkpoints_samples_and_the_model(project_copy):
     import mlflow
 
     metrics = json.loads((project_copy / "metrics/train.json").read_text())
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project_copy / 'mlflow.db'}")
     run = client.get_run(metrics["mlflow_run_id"])
     assert run.data.params["model.msm"] == "True" and run.data.params["train.steps"] == "4"
     assert run.data.tags["stage"] == "train" and "data_hash" in run.data.tags
