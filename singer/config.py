@@ -184,6 +184,33 @@ class TrainConfig(Section):
     log_every: int = 1
 
 
+class EvaluateConfig(Section):
+    """`singer evaluate`: generate every test clip from its reference frame and audio, then score it."""
+
+    model_dir: Path = Path("models/full")
+    out_dir: Path = Path("eval")               # per-clip table, plots, sample videos
+    max_clips: int | None = None              # None: every test clip
+    inference_steps: int = 25
+    guidance_scale: float | None = None       # None: the model's
+    seed: int = 0
+    num_workers: int = 2                      # Ray tasks at once (local); RAY_ADDRESS for a cluster
+    metrics: list[str] = ["ssim", "psnr", "cpbd", "lmd", "diversity", "bas", "identity", "mouth_correlation",
+                          "fvd", "lse"]
+    identity_max_frames: int = 8               # dlib embeddings are ~0.25 s a frame
+    cpbd_every: int = 1
+    i3d_path: str | None = None               # FVD weights (SINGER_I3D_PATH wins when set); absent: unavailable
+    syncnet_path: str | None = None           # LSE weights (SINGER_SYNCNET_PATH)
+    sample_videos: int = 3                    # side-by-side videos logged to MLflow
+
+
+class ReleaseConfig(Section):
+    """`singer release`: the challenger becomes champion only if every gate passes against the champion."""
+
+    # metric -> largest allowed regression against the champion (in the metric's own units; direction known)
+    gate: dict[str, float] = {"lmd": 0.0, "mouth_correlation": 0.0, "ssim": 0.01}
+    require_metrics: list[str] = ["lmd", "mouth_correlation"]
+
+
 class TrackingConfig(Section):
     tracking_uri: str = "sqlite:///mlflow.db"  # MLFLOW_TRACKING_URI wins when set
     artifact_location: str = "./mlartifacts"
@@ -204,6 +231,8 @@ class Config(Section):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    release: ReleaseConfig = ReleaseConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
