@@ -144,3 +144,14 @@ def test_sampler_with_an_oracle_denoiser_reproduces_the_target(cfg, monkeypatch)
     assert out.frames.shape[0] == frames
     err = np.abs(out.frames.astype(int) - reference["image"][None].astype(int))
     assert err.max() <= 1, err.max()
+
+
+def test_variants_set_the_spectral_flags_and_refuse_contradictions():
+    from singer.train.loop import variant_config
+
+    for variant, flags in {"full": (True, True), "no_msm": (False, True), "no_sfm": (True, False),
+                           "no_both": (False, False)}.items():
+        model = variant_config(load_config(overrides=[f"train.variant={variant}"])).model
+        assert (model.msm, model.sfm) == flags
+    with pytest.raises(ValueError, match="use train.variant=no_sfm"):
+        variant_config(load_config(overrides=["model.sfm=false"]))

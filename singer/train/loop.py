@@ -37,10 +37,16 @@ VARIANTS = {"full": (True, True), "no_msm": (False, True), "no_sfm": (True, Fals
 
 
 def variant_config(cfg: Config) -> Config:
-    """The config with model.msm / model.sfm set by train.variant."""
+    """The config with model.msm / model.sfm set by train.variant. A variant other than `full` switches
+    modules off; `full` with a module switched off by hand is a contradiction and an error, so a run's
+    name always says what it trained."""
     if cfg.train.variant not in VARIANTS:
         raise ValueError(f"train.variant must be one of {', '.join(VARIANTS)}, got {cfg.train.variant!r}")
     msm, sfm = VARIANTS[cfg.train.variant]
+    if cfg.train.variant == "full" and not (cfg.model.msm and cfg.model.sfm):
+        off = [name for name, on in (("msm", cfg.model.msm), ("sfm", cfg.model.sfm)) if not on]
+        raise ValueError(f"train.variant=full but model.{'/'.join(off)} is off: use train.variant="
+                         f"{'no_both' if len(off) == 2 else 'no_' + off[0]} instead")
     return cfg.model_copy(update={"model": cfg.model.model_copy(update={"msm": msm, "sfm": sfm})})
 
 
