@@ -178,6 +178,62 @@ def train(
 
 
 @app.command()
+def evaluate(
+    params: Path = ParamsOpt,
+    preset: str | None = PresetOpt,
+    set_: list[str] | None = SetOpt,
+    progress: bool = typer.Option(True, help="show a progress bar"),
+) -> None:
+    """Generate every test clip and score it (Ray fan-out): eval/, metrics/eval.json, MLflow."""
+    from singer.evaluate.runner import run_evaluate
+
+    try:
+        summary = run_evaluate(_load(params, preset, set_), progress=progress)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(f"evaluate: {exc}")
+    means = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    console.print("[green]evaluate[/] done: " + json.dumps(means, sort_keys=True, default=str), highlight=False)
+    for name, reason in (summary.get("unavailable") or {}).items():
+        console.print(f"  {name}: unavailable ({reason})", highlight=False)
+
+
+@app.command()
+def register(
+    model_dir: Path | None = typer.Option(None, help="save_pretrained folder (default: evaluate.model_dir)"),
+    metrics_file: Path | None = typer.Option(None, help="evaluation metrics JSON (default: metrics/eval.json)"),
+    params: Path = ParamsOpt,
+) -> None:
+    """Log the model as an MLflow pyfunc, register it, and give it the alias `challenger`."""
+    from singer.registry import RegistryError, register_model
+
+    cfg = _load(params, None, None)
+    model_dir = model_dir or cfg.evaluate.model_dir
+    metrics_file = metrics_file or Path(cfg.paths.metrics) / "eval.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else None
+    try:
+        version = register_model(cfg, model_dir, metrics=metrics)
+    except (RegistryError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    console.print(f"[green]register[/]: {cfg.tracking.registered_model} version {version} is the challenger",
+                  highlight=False)
+
+
+@app.command()
+def release(params: Path = ParamsOpt) -> None:
+    """Promote the challenger to champion if the release gate in params passes; say which metric failed."""
+    from singer.registry import RegistryError
+    from singer.registry import release as do_release
+
+    try:
+        result = do_release(_load(params, None, None))
+    except RegistryError as exc:
+        _fail(str(exc))
+    if not result["passed"]:
+        _fail(result["message"])
+    console.print(f"[green]release[/]: {result['message']}", highlight=False)
+
+
+@app.command()
 def generate(
     image: Path = typer.Option(..., help="portrait (jpg/png/...) with exactly one face"),
     audio: Path = typer.Option(..., help="song: wav, mp3, flac, mp4, ... any rate and channel count"),

@@ -170,6 +170,7 @@ def train(cfg: Config) -> dict:
     checkpoints = Path(tc.checkpoints_dir) / key
     state = resume(accelerator, checkpoints) or {"step": 0}
     step = int(state["step"])
+    resumed_from = step
     history: list[tuple[int, float]] = [tuple(x) for x in state.get("history", [])]
     samples_dir = Path(tc.checkpoints_dir) / f"{key}-samples"
     test_split = SingerClipDataset(cfg, "test", random_windows=False) if (Path(cfg.paths.split) / "test.txt").exists() \
@@ -240,10 +241,11 @@ def train(cfg: Config) -> dict:
             losses = [v for _, v in history]
             tail = losses[-10:] or [float("nan")]
             result = {
-                "variant": tc.variant, "steps": step, "run_key": key, "mlflow_run_id": run_id,
+                "variant": tc.variant, "steps": step, "resumed_from_step": resumed_from, "run_key": key,
+                "mlflow_run_id": run_id,
                 "first_loss": round(losses[0], 6) if losses else None,
                 "final_loss": round(float(np.mean(tail)), 6),
-                "seconds": round(seconds, 2),
+                "seconds": round(seconds, 2),  # this invocation's, after any resume
                 "samples_per_second": round(samples / max(seconds, 1e-9), 3),
                 "trainable_parameters": int(n_trainable),
                 "model_dir": str(target),

@@ -1,0 +1,355 @@
+"""`singer evaluate`: generate every test clip from its reference frame and audio, score it, report.
+
+    from singer.evaluate.runner import run_evaluate
+    summary = run_evaluate(cfg)          # the dict written to metrics/eval.json (+ paths)
+
+Flow: the test clips (`data/split/test.txt`, at most `evaluate.max_clips`) are tasks. A `ClipEvaluator`
+holds the heavy networks (the pipeline, the dlib face embedders, SyncNet and I3D when their weights are
+configured) and turns one clip into a row of metrics; with `evaluate.num_workers` = 0 one evaluator runs
+them in-process, else a pool of that many Ray actors does (`ray.init()` locally, `address="auto"` when
+`RAY_ADDRESS` is set, or the Ray session already initialised by the caller). Each clip is generated with
+``torch.Generator().manual_seed(seed + clip index)`` and evaluated single-threaded in torch, so serial and
+parallel runs give the same numbers. Set-level metrics (FVD) are computed after the fan-out from the
+per-clip I3D features. `singer.evaluate.report` writes the outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from singer.config import Config
+
+log = logging.getLogger(__name__)
+
+PER_CLIP_METRICS = ("ssim", "psnr", "cpbd", "lmd", "diversity", "bas", "identity", "mouth_correlation")
+SET_METRICS = ("fvd",)
+LSE_NAMES = ("LSE-D", "LSE-C")
+WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def metric_columns(names: list[str]) -> list[str]:
+    """Per-clip value columns for the configured `evaluate.metrics` ("lse" -> LSE-D and LSE-C)."""
+    cols: list[str] = []
+    for n in names:
+        if n == "lse":
+            cols += list(LSE_NAMES)
+        elif n in PER_CLIP_METRICS:
+            cols.append(n)
+    return cols
+
+
+def _check_metric_names(names: list[str]) -> None:
+    known = set(PER_CLIP_METRICS) | set(SET_METRICS) | {"lse"}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown evaluate.metrics {unknown}; known: {sorted(known)}")
+
+
+def test_clips(cfg: Config) -> list[dict[str, Any]]:
+    """[{index, clip_id, subject}] of the test split, in its order, at most `max_clips`."""
+    import pandas as pd
+
+    ids = (Path(cfg.paths.split) / "test.txt").read_text().split()
+    if cfg.evaluate.max_clips is not None:
+        ids = ids[: int(cfg.evaluate.max_clips)]
+    manifest = pd.read_parquet(Path(cfg.paths.crops) / "manifest.parquet").set_index("clip_id")
+    missing = [c for c in ids if c not in manifest.index]
+    if missing:
+        raise FileNotFoundError(f"test clips missing from {cfg.paths.crops}/manifest.parquet: {missing[:3]}")
+    return [{"index": i, "clip_id": c, "subject": str(manifest.loc[c].get("subject", ""))} for i, c in enumerate(ids)]
+
+
+class ClipEvaluator:
+    """Loads the heavy networks once; `evaluate(clip)` generates one clip and scores it.
+
+    `project_root`: the folder relative paths of the config refer to (a Ray worker changes into it).
+    `threads`: torch threads while generating (1 by default: identical numbers in every process layout).
+    """
+
+    def __init__(self, cfg: Config, project_root: str | os.PathLike | None = None, threads: int | None = 1):
+        import torch
+
+        from singer.models.face import DlibFaceEmbedder, make_face_embedder
+        from singer.pipeline import SingerPipeline
+
+        if project_root is not None and Path(project_root).is_dir():
+            os.chdir(project_root)
+        if threads:
+            torch.set_num_threads(int(threads))
+        self.threads = threads
+        self.cfg = cfg
+        ec = cfg.evaluate
+        self.names = list(ec.metrics)
+        model_dir = Path(ec.model_dir)
+        if not (model_dir / "model_index.json").exists():
+            raise FileNotFoundError(f"no saved model at {model_dir} (model_index.json missing); train first")
+        self.pipe = SingerPipeline.from_pretrained(str(model_dir))
+        if torch.cuda.is_available():  # the noise is drawn on the CPU generator: same numbers on any device
+            self.pipe.to("cuda")
+        self.pipe.set_progress_bar_config(disable=True)
+        self.face_embedder = make_face_embedder(self.pipe.model_cfg)
+        self.identity_embedder = DlibFaceEmbedder() if "identity" in self.names else None
+        self.syncnet, self.syncnet_reason = None, None
+        if "lse" in self.names:
+            from singer.evaluate.networks.i3d import WeightsUnavailable
+            from singer.evaluate.networks.syncnet import load_syncnet
+
+            try:
+                self.syncnet = load_syncnet(os.environ.get("SINGER_SYNCNET_PATH") or ec.syncnet_path)
+            except WeightsUnavailable as exc:
+                self.syncnet_reason = str(exc)
+        self.i3d, self.i3d_reason = None, None
+        if "fvd" in self.names:
+            from singer.evaluate.networks.i3d import WeightsUnavailable, load_i3d
+
+            try:
+                self.i3d = load_i3d(os.environ.get("SINGER_I3D_PATH") or ec.i3d_path)
+            except WeightsUnavailable as exc:
+                self.i3d_reason = str(exc)
+        self._datasets: dict[tuple, Any] = {}
+
+    def _read(self, clip_id: str):
+        from singer.data.dataset import SingerClipDataset
+
+        ds = SingerClipDataset(self.cfg, "test", clip_ids=[clip_id], random_windows=False)
+        frames, audio, reference, masks, mouth = ds._read_clip(clip_id)
+        return ds, frames, audio, reference, masks, mouth
+
+    def ping(self) -> bool:
+        return True
+
+    def evaluate(self, clip: dict[str, Any], keep_frames: bool = False) -> dict[str, Any]:
+        """One clip -> {index, clip_id, subject, results: {name: MetricResult dict}, curves, timings,
+        i3d_real/i3d_fake (features or None), frames (ground truth, generated) when `keep_frames`}."""
+        import torch
+
+        from singer.evaluate.metrics import METRICS
+        from singer.evaluate.metrics.base import MetricResult, video_landmarks
+        from singer.evaluate.metrics.identity import identity_similarity
+        from singer.evaluate.metrics.mouth import opening_curve
+
+        if self.threads:
+            torch.set_num_threads(int(self.threads))
+        ec = self.cfg.evaluate
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        ds, frames, audio, reference, masks, mouth = self._read(clip["clip_id"])
+        fps, rate = ds.fps, ds.sample_rate
+        n = len(frames)
+        audio = audio[: int(round(n / fps * rate))]
+        embedding = self.face_embedder.embed(reference, what=f"clip {clip['clip_id']}")
+        timings["load"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        ref = {"image": reference, "masks": {"face": masks[0], "lip": masks[1], "pose": masks[2]}}
+        generator = torch.Generator().manual_seed(int(ec.seed) + int(clip["index"]))
+        out = self.pipe(ref, audio, embedding, num_inference_steps=ec.inference_steps,
+                        guidance_scale=ec.guidance_scale, generator=generator, num_frames=n, progress=False)
+        generated = np.ascontiguousarray(out.frames[:n])
+        timings["generate"] = time.perf_counter() - t0
+
+        truth_mouth = mouth.astype(np.float64) if np.isfinite(mouth).all() and len(mouth) == n else None
+        t0 = time.perf_counter()
+        gen_lm = video_landmarks(generated)
+        timings["landmarks_generated"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        gt_lm = video_landmarks(frames)
+        timings["landmarks_ground_truth"] = time.perf_counter() - t0
+        inputs = dict(generated=generated, ground_truth=frames, reference=reference, audio=audio, sample_rate=rate,
+                      fps=fps, gen_landmarks=gen_lm, gt_landmarks=gt_lm, truth_mouth=truth_mouth,
+                      cpbd_every=ec.cpbd_every, identity_max_frames=ec.identity_max_frames)
+        results: dict[str, MetricResult] = {}
+        for name in self.names:
+            t0 = time.perf_counter()
+            if name == "identity":
+                results[name] = identity_similarity(generated, reference, 1, ec.identity_max_frames,
+                                                    embedder=self.identity_embedder)
+            elif name in METRICS:
+                results[name] = METRICS[name](**inputs)
+            elif name == "lse":
+                if self.syncnet is None:
+                    for k in LSE_NAMES:
+                        results[k] = MetricResult.unavailable(self.syncnet_reason or "no SyncNet weights")
+                else:
+                    from singer.evaluate.metrics.lse import lse
+
+                    results.update(lse(generated, audio, rate, model=self.syncnet))
+            else:
+                continue  # set-level (fvd): after the fan-out
+            timings[name] = time.perf_counter() - t0
+
+        i3d_real = i3d_fake = None
+        if self.i3d is not None:
+            from singer.evaluate.metrics.fvd import i3d_features, video_clips
+
+            t0 = time.perf_counter()
+            i3d_real = i3d_features(self.i3d, video_clips(frames))
+            i3d_fake = i3d_features(self.i3d, video_clips(generated))
+            timings["fvd_features"] = time.perf_counter() - t0
+        truth_curve = truth_mouth if truth_mouth is not None else opening_curve(gt_lm)
+        row = {
+            "index": int(clip["index"]),
+            "clip_id": clip["clip_id"],
+            "subject": clip.get("subject", ""),
+            "n_frames": int(n),
+            "fps": float(fps),
+            "truth_source": "truth.json" if truth_mouth is not None else "landmarks",
+            "results": {k: v.to_dict() for k, v in results.items()},
+            "curves": {"generated": opening_curve(gen_lm).tolist(), "truth": np.asarray(truth_curve).tolist()},
+            "timings": timings,
+            "i3d_real": i3d_real,
+            "i3d_fake": i3d_fake,
+            "fvd_reason": self.i3d_reason,
+        }
+        if keep_frames:
+            row["frames"] = (frames, generated)
+            row["audio"] = (audio, rate)
+        return row
+
+
+# ----------------------------------------------------------------------------------------- fan-out
+
+
+def _init_ray(num_workers: int) -> bool:
+    """Connect to Ray; True when this call started it (and must shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    runtime_env = {"env_vars": dict(WORKER_ENV)}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address="auto", runtime_env=runtime_env, log_to_driver=False)
+    else:
+        ray.init(num_cpus=max(1, num_workers), include_dashboard=False, runtime_env=runtime_env,
+                 log_to_driver=False)
+    return True
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="evaluate", unit="clip", disable=not enabled)
+
+
+def run_clips(cfg: Config, clips: list[dict], keep: set[int] | None = None, progress: bool = True,
+              threads: int | None = 1) -> list[dict]:
+    """Evaluate the clips serially (`num_workers` 0) or on a pool of Ray actors; rows in clip order."""
+    keep = keep or set()
+    workers = int(cfg.evaluate.num_workers)
+    rows: list[dict] = []
+    bar = _progress(len(clips), progress)
+    try:
+        if workers <= 0 or not clips:
+            evaluator = ClipEvaluator(cfg, threads=threads)
+            for clip in clips:
+                rows.append(evaluator.evaluate(clip, keep_frames=clip["index"] in keep))
+                bar.update(1)
+        else:
+            import ray
+
+            started = _init_ray(workers)
+            try:
+                actor_cls = ray.remote(num_cpus=1)(ClipEvaluator).options(
+                    runtime_env={"env_vars": dict(WORKER_ENV)})
+                pool = [actor_cls.remote(cfg, str(Path.cwd()), threads) for _ in range(min(workers, len(clips)))]
+                ray.get([a.ping.remote() for a in pool])  # load errors surface here, once
+                pending: dict[Any, Any] = {}
+                queue = list(clips)
+                free = list(pool)
+                while queue or pending:
+                    while queue and free:
+                        actor, clip = free.pop(), queue.pop(0)
+                        pending[actor.evaluate.remote(clip, clip["index"] in keep)] = actor
+                    done, _ = ray.wait(list(pending), num_returns=1)
+                    for ref in done:
+                        free.append(pending.pop(ref))
+                        rows.append(ray.get(ref))
+                        bar.update(1)
+                for a in pool:
+                    ray.kill(a)
+            finally:
+                if started:
+                    ray.shutdown()
+    finally:
+        bar.close()
+    return sorted(rows, key=lambda r: r["index"])
+
+
+def set_metrics(cfg: Config, rows: list[dict]) -> dict[str, Any]:
+    """FVD over all clips from the per-clip I3D features (unavailable with the reason without weights)."""
+    from singer.evaluate.metrics.base import MetricResult
+    from singer.evaluate.metrics.fvd import fvd_from_features
+
+    out: dict[str, Any] = {}
+    if "fvd" not in cfg.evaluate.metrics:
+        return out
+    if not rows:
+        out["fvd"] = MetricResult.unavailable("no clips evaluated")
+    elif any(r["i3d_real"] is None for r in rows):
+        reason = next((r["fvd_reason"] for r in rows if r["fvd_reason"]), None) or "no I3D features"
+        out["fvd"] = MetricResult.unavailable(reason)
+    else:
+        real = np.concatenate([r["i3d_real"] for r in rows])
+        fake = np.concatenate([r["i3d_fake"] for r in rows])
+        out["fvd"] = fvd_from_features(real, fake)
+    return out
+
+
+def _variant_name(cfg: Config, stage: str) -> str:
+    variant = getattr(cfg.train, "variant", "full")
+    return f"{stage}.json" if variant == "full" else f"{variant}-{stage}.json"
+
+
+def eval_json_path(cfg: Config) -> Path:
+    """`metrics/eval.json` (`metrics/<variant>-eval.json` for an ablation variant, as train names its json)."""
+    return Path(cfg.paths.metrics) / _variant_name(cfg, "eval")
+
+
+def train_run_id(cfg: Config) -> str | None:
+    """The training run's MLflow id from `metrics/train.json` (None when absent)."""
+    import json
+
+    path = Path(cfg.paths.metrics) / _variant_name(cfg, "train")
+    try:
+        return json.loads(path.read_text()).get("mlflow_run_id") or None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def run_evaluate(cfg: Config, progress: bool = True) -> dict:
+    """Generate and score every test clip; write `evaluate.out_dir` and `metrics/eval.json`; log to MLflow.
+
+    Returns the summary written to eval.json plus `paths` (what was written) and `mlflow_run_id`.
+    """
+    from singer import tracking
+    from singer.evaluate import report
+
+    ec = cfg.evaluate
+    _check_metric_names(list(ec.metrics))
+    clips = test_clips(cfg)
+    if not clips:
+        raise ValueError(f"the test split {cfg.paths.split}/test.txt has no clips")
+    keep = {c["index"] for c in clips[: max(0, int(ec.sample_videos))]}
+    tags = {}
+    parent = train_run_id(cfg)
+    if parent:
+        tags["train_run_id"] = parent
+    started = time.perf_counter()
+    with tracking.start_run(cfg, "evaluate", tags=tags, data_paths=[cfg.paths.split, ec.model_dir]) as run:
+        rows = run_clips(cfg, clips, keep=keep, progress=progress)
+        set_level = set_metrics(cfg, rows)
+        summary, paths = report.write_outputs(cfg, rows, set_level, seconds=time.perf_counter() - started)
+        report.log_to_mlflow(summary, paths)
+        if run is not None:
+            summary["mlflow_run_id"] = run.info.run_id
+    summary["paths"] = {k: str(v) if not isinstance(v, list) else [str(p) for p in v] for k, v in paths.items()}
+    return summary
+
+
+__all__ = ["ClipEvaluator", "metric_columns", "run_clips", "run_evaluate", "set_metrics", "test_clips"]

@@ -1,0 +1,364 @@
+"""The model registry and releases (`singer register`, `singer release`).
+
+    version = register_model(cfg, "models/full", metrics={"lmd": 2.1, "mouth_correlation": 0.4})
+    outcome = release(cfg)      # {"passed": True, "promoted": True, "challenger": "2", "champion": "1", ...}
+
+- The model is logged as an MLflow pyfunc (`SingerPyfunc`) wrapping the `save_pretrained` folder (artifact
+  `pipeline`), with the `singer` package shipped in `code_paths`, so `mlflow.pyfunc.load_model(
+  "models:/singer@champion")` and `mlflow models serve -m models:/singer@champion --env-manager local` work
+  offline. Input: a DataFrame with `image` (base64 image file bytes) and `audio` (base64 wav/mp3/flac bytes),
+  optional `steps`, `seed`, `guidance`; output: `video` (base64 mp4 bytes), `frames`, `seconds`.
+- `register_model` registers a new version of `cfg.tracking.registered_model`, puts the alias `challenger` on
+  it and stores the evaluation metrics as version tags `metric.<name>` (names lower-cased, `-` -> `_`:
+  `LSE-D` -> `metric.lse_d`); a missing or NaN metric is stored as `null`.
+- `release` compares the challenger with the champion on every metric of `cfg.release.gate` (metric -> the
+  largest allowed regression, in the metric's units; `DIRECTIONS` says which way is better). A gated metric
+  fails when the challenger is worse by more than its margin; a `require_metrics` metric fails when the
+  challenger lacks it. Without a champion only the required metrics are checked. On a pass the alias
+  `champion` moves to the challenger; the former champion keeps its version number, gets the alias
+  `previous_champion` and the tag `previous_champion=true` (plus `replaced_by=<version>`).
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from singer.config import Config
+
+CHALLENGER = "challenger"
+CHAMPION = "champion"
+PREVIOUS_CHAMPION = "previous_champion"
+METRIC_TAG_PREFIX = "metric."
+NULL = "null"
+
+# "lower" is better / "higher" is better, by normalised metric name.
+DIRECTIONS: dict[str, str] = {
+    "lmd": "lower",
+    "fvd": "lower",
+    "lse_d": "lower",
+    "ssim": "higher",
+    "psnr": "higher",
+    "cpbd": "higher",
+    "mouth_correlation": "higher",
+    "identity": "higher",
+    "bas": "higher",
+    "diversity": "higher",
+    "lse_c": "higher",
+}
+
+# Runtime requirements written into the model's requirements.txt (the ones generation imports); the
+# `singer` package itself travels in code_paths. Pinned to the installed versions when they are found.
+_RUNTIME_PACKAGES = ["torch", "diffusers", "transformers", "numpy", "scipy", "pandas", "pydantic", "pyyaml",
+                     "einops", "av", "scikit-image", "opencv-python-headless", "librosa", "soundfile",
+                     "pywavelets", "dlib-bin", "face_recognition_models", "pillow"]
+
+
+class RegistryError(RuntimeError):
+    """A one-line, user-facing reason why registering or releasing cannot go on."""
+
+
+def metric_key(name: str) -> str:
+    """`LSE-D` -> `lse_d`."""
+    return str(name).strip().lower().replace("-", "_").replace(" ", "_")
+
+
+def _as_float(value: Any) -> float | None:
+    if value is None:
+        return None
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, str) and value.strip().lower() in ("", NULL, "none", "nan"):
+        return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(out) else out
+
+
+# ----------------------------------------------------------------------------------------------- pyfunc
+
+try:
+    import mlflow.pyfunc as _pyfunc
+
+    _PythonModel = _pyfunc.PythonModel
+except ImportError:  # pragma: no cover - mlflow is a dependency
+    _PythonModel = object
+
+
+with warnings.catch_warnings():  # mlflow nags about type hints on predict; the signature is explicit
+    warnings.simplefilter("ignore")
+
+    class SingerPyfunc(_PythonModel):
+        """Reference image + audio in, mp4 out (all base64), as an MLflow pyfunc."""
+
+        def load_context(self, context) -> None:
+            from singer.generate import resolve_model
+
+            self.model_dir = str(resolve_model(context.artifacts["pipeline"]))
+
+        def predict(self, context, model_input, params=None):
+            import pandas as pd
+
+            from singer.generate import generate_video
+
+            if context is not None and not getattr(self, "model_dir", None):
+                self.load_context(context)
+            df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+            for column in ("image", "audio"):
+                if column not in df.columns:
+                    raise ValueError(f"input needs a column '{column}' (base64-encoded file bytes)")
+            rows = []
+            for _, row in df.iterrows():
+                steps = _opt(row, "steps", int)
+                seed = _opt(row, "seed", int)
+                guidance = _opt(row, "guidance", float)
+                with tempfile.TemporaryDirectory(prefix="singer-pyfunc-") as tmp:
+                    image = Path(tmp) / ("image" + _image_suffix(_b64(row["image"], "image")))
+                    image.write_bytes(_b64(row["image"], "image"))
+                    audio_bytes = _b64(row["audio"], "audio")
+                    audio = Path(tmp) / ("audio" + _audio_suffix(audio_bytes))
+                    audio.write_bytes(audio_bytes)
+                    output = Path(tmp) / "out.mp4"
+                    info = generate_video(image, audio, output, self.model_dir, steps=steps, guidance=guidance,
+                                          seed=0 if seed is None else seed, progress=False, warn=lambda _m: None)
+                    rows.append({"video": base64.b64encode(output.read_bytes()).decode("ascii"),
+                                 "frames": int(info["frames"]), "seconds": float(info["seconds"])})
+            return pd.DataFrame(rows, columns=["video", "frames", "seconds"])
+
+
+def _opt(row, name: str, kind):
+    value = row.get(name) if hasattr(row, "get") else None
+    if value is None:
+        return None
+    try:
+        if isinstance(value, float) and math.isnan(value):
+            return None
+    except TypeError:
+        pass
+    return kind(value)
+
+
+def _b64(value: Any, what: str) -> bytes:
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value)
+        try:  # bytes columns may hold the raw file or its base64 text
+            return base64.b64decode(value, validate=True)
+        except ValueError:
+            return value
+    try:
+        return base64.b64decode(str(value), validate=False)
+    except ValueError as exc:
+        raise ValueError(f"column '{what}' is not base64: {exc}") from exc
+
+
+def _image_suffix(data: bytes) -> str:
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return ".png"
+    if data[:3] == b"\xff\xd8\xff":
+        return ".jpg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return ".webp"
+    return ".img"
+
+
+def _audio_suffix(data: bytes) -> str:
+    if data[:4] == b"RIFF":
+        return ".wav"
+    if data[:4] == b"fLaC":
+        return ".flac"
+    if data[:3] == b"ID3" or (len(data) > 1 and data[0] == 0xFF and (data[1] & 0xE0) == 0xE0):
+        return ".mp3"
+    if data[:4] == b"OggS":
+        return ".ogg"
+    return ".audio"
+
+
+def model_signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema
+
+    inputs = Schema([
+        ColSpec("string", "image"),
+        ColSpec("string", "audio"),
+        ColSpec("long", "steps", required=False),
+        ColSpec("long", "seed", required=False),
+        ColSpec("double", "guidance", required=False),
+    ])
+    outputs = Schema([ColSpec("string", "video"), ColSpec("long", "frames"), ColSpec("double", "seconds")])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def pip_requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for name in _RUNTIME_PACKAGES:
+        try:
+            out.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def log_pyfunc(model_dir: str | os.PathLike, name: str = "model"):
+    """Log the pyfunc wrapping `model_dir` into the active run; returns mlflow's ModelInfo."""
+    import mlflow
+
+    import singer
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "model_index.json").is_file():
+        hits = sorted(model_dir.rglob("model_index.json")) if model_dir.is_dir() else []
+        if not hits:
+            raise RegistryError(f"{model_dir} holds no SINGER pipeline (no model_index.json)")
+        model_dir = hits[0].parent
+    package_dir = Path(singer.__file__).resolve().parent
+    return mlflow.pyfunc.log_model(
+        name=name,
+        python_model=SingerPyfunc(),
+        artifacts={"pipeline": str(model_dir)},
+        code_paths=[str(package_dir)],
+        pip_requirements=pip_requirements(),
+        signature=model_signature(),
+    )
+
+
+# --------------------------------------------------------------------------------------------- register
+
+
+def _client(cfg: Config):
+    import mlflow
+
+    from singer.tracking import setup_mlflow
+
+    setup_mlflow(cfg.tracking)
+    return mlflow.MlflowClient()
+
+
+def register_model(cfg: Config, model_dir: str | os.PathLike, run_id: str | None = None,
+                   metrics: dict[str, Any] | None = None) -> str:
+    """Log the pyfunc into `run_id` (or a new `register` run), register it as `cfg.tracking.registered_model`,
+    alias it `challenger` and store `metrics` as version tags. Returns the new version number (a string)."""
+    import mlflow
+
+    from singer.tracking import start_run
+
+    name = cfg.tracking.registered_model
+    metrics = {metric_key(k): _as_float(v) for k, v in (metrics or {}).items()}
+    with start_run(cfg, stage="register", run_id=run_id) as active:
+        if active is None:
+            raise RegistryError("register_model must run on the main process")
+        info = log_pyfunc(model_dir)
+        present = {k: v for k, v in metrics.items() if v is not None}
+        if present and run_id is None:
+            mlflow.log_metrics(present)
+        rid = active.info.run_id
+    client = mlflow.MlflowClient()
+    mv = mlflow.register_model(info.model_uri, name, tags={"run_id": rid, "model_dir": str(model_dir)})
+    version = str(mv.version)
+    for key, value in metrics.items():
+        client.set_model_version_tag(name, version, METRIC_TAG_PREFIX + key, NULL if value is None else repr(value))
+    client.set_registered_model_alias(name, CHALLENGER, version)
+    return version
+
+
+def version_metrics(version) -> dict[str, float | None]:
+    """The `metric.*` tags of a ModelVersion, as floats (None for null)."""
+    return {k[len(METRIC_TAG_PREFIX):]: _as_float(v) for k, v in (version.tags or {}).items()
+            if k.startswith(METRIC_TAG_PREFIX)}
+
+
+def _alias_version(client, name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def gate_check(challenger: dict[str, float | None], champion: dict[str, float | None] | None,
+               gate: dict[str, float], require: list[str]) -> list[dict]:
+    """One row per checked metric: metric, challenger, champion, allowed, direction, ok, reason."""
+    rows: list[dict] = []
+    required = [metric_key(m) for m in require]
+    gate = {metric_key(k): float(v) for k, v in gate.items()}
+    for metric in dict.fromkeys([*required, *gate]):
+        direction = DIRECTIONS.get(metric)
+        if metric in gate and direction is None:
+            raise RegistryError(f"release gate names {metric!r}, whose direction is unknown "
+                                f"(known: {', '.join(sorted(DIRECTIONS))})")
+        new = challenger.get(metric)
+        old = None if champion is None else champion.get(metric)
+        row = {"metric": metric, "challenger": new, "champion": old, "allowed": gate.get(metric),
+               "direction": direction, "ok": True, "reason": ""}
+        if new is None:
+            if metric in required:
+                row.update(ok=False, reason="missing on the challenger")
+            elif champion is not None and old is not None:
+                row.update(ok=False, reason="missing on the challenger (the champion has it)")
+            else:
+                row["reason"] = "not measured"
+        elif metric in gate and old is not None:
+            regression = (new - old) if direction == "lower" else (old - new)
+            row["regression"] = regression
+            if regression > gate[metric] + 1e-12:
+                better = "lower" if direction == "lower" else "higher"
+                row.update(ok=False, reason=f"worse by {regression:.4g} > allowed {gate[metric]:g} "
+                                            f"({better} is better)")
+        elif metric in gate:
+            row["reason"] = "no champion value" if champion is not None else "no champion"
+        rows.append(row)
+    return rows
+
+
+def _fmt(value: float | None) -> str:
+    return "missing" if value is None else f"{value:.4g}"
+
+
+def release(cfg: Config) -> dict:
+    """Promote the `challenger` to `champion` when the gate passes. Returns
+    {"passed", "promoted", "model", "challenger", "champion", "checks", "failures", "message"}; "champion" is
+    the version that was champion before (None when there was none). Raises RegistryError when there is no
+    challenger."""
+    name = cfg.tracking.registered_model
+    client = _client(cfg)
+    challenger = _alias_version(client, name, CHALLENGER)
+    if challenger is None:
+        raise RegistryError(f"model {name!r} has no '{CHALLENGER}' version: register one with `singer register`")
+    champion = _alias_version(client, name, CHAMPION)
+    out: dict[str, Any] = {"model": name, "challenger": str(challenger.version),
+                           "champion": None if champion is None else str(champion.version)}
+    if champion is not None and str(champion.version) == str(challenger.version):
+        out.update(passed=True, promoted=False, checks=[], failures=[],
+                   message=f"{name} version {challenger.version} is already {CHAMPION}")
+        return out
+    checks = gate_check(version_metrics(challenger), None if champion is None else version_metrics(champion),
+                        cfg.release.gate, cfg.release.require_metrics)
+    failures = [c for c in checks if not c["ok"]]
+    out.update(checks=checks, failures=failures, passed=not failures)
+    if failures:
+        parts = [f"{f['metric']} challenger={_fmt(f['challenger'])} champion={_fmt(f['champion'])} ({f['reason']})"
+                 for f in failures]
+        against = f"champion v{champion.version}" if champion is not None else "no champion"
+        out.update(promoted=False, message=f"release gate failed for {name} v{challenger.version} against "
+                                           f"{against}: " + "; ".join(parts))
+        return out
+    version = str(challenger.version)
+    if champion is not None:
+        client.set_registered_model_alias(name, PREVIOUS_CHAMPION, str(champion.version))
+        client.set_model_version_tag(name, str(champion.version), PREVIOUS_CHAMPION, "true")
+        client.set_model_version_tag(name, str(champion.version), "replaced_by", version)
+    client.set_registered_model_alias(name, CHAMPION, version)
+    client.set_model_version_tag(name, version, "promoted_from", out["champion"] or "none")
+    out.update(promoted=True, message=f"{name} v{version} is now {CHAMPION}"
+               + (f" (was v{champion.version})" if champion is not None else ""))
+    return out

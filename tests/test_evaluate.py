@@ -1,0 +1,180 @@
+"""`singer evaluate` (singer.evaluate.runner / report): outputs, unavailable metrics, serial == Ray, MLflow."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+
+import numpy as np
+import pandas as pd
+import pytest
+
+OVERRIDES = ["evaluate.inference_steps=2", "evaluate.identity_max_frames=2", "evaluate.cpbd_every=10",
+             "evaluate.max_clips=2", "evaluate.sample_videos=1"]
+
+
+def _config(extra=()):
+    from singer.config import load_config
+
+    return load_config(overrides=[*OVERRIDES, *extra])
+
+
+@pytest.fixture
+def eval_project(project_copy, monkeypatch):
+    """project_copy with a fresh tiny model in models/full and no FVD/LSE weights in the environment."""
+    from singer.models.singer import SingerModel
+    from singer.pipeline import SingerPipeline
+
+    monkeypatch.delenv("SINGER_I3D_PATH", raising=False)
+    monkeypatch.delenv("SINGER_SYNCNET_PATH", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = _config()
+    SingerPipeline.from_model(SingerModel.build(cfg.model, cfg.crop.resolution), cfg.crop.resolution).save_pretrained(
+        project_copy / "models" / "full")
+    return project_copy
+
+
+@pytest.fixture(scope="module")
+def serial_result(tiny_project, tmp_path_factory):
+    """One serial evaluation of the tiny project (shared by the output checks)."""
+    import shutil
+
+    from singer.models.singer import SingerModel
+    from singer.pipeline import SingerPipeline
+
+    dest = tmp_path_factory.mktemp("evalproj") / "project"
+    shutil.copytree(tiny_project, dest, symlinks=True)
+    mp = pytest.MonkeyPatch()
+    mp.chdir(dest)
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{dest / 'mlflow.db'}")
+    for var in ("MLFLOW_RUN_ID", "SINGER_I3D_PATH", "SINGER_SYNCNET_PATH", "RAY_ADDRESS"):
+        mp.delenv(var, raising=False)
+    try:
+        from singer.evaluate.runner import run_evaluate
+
+        cfg = _config(["evaluate.num_workers=0"])
+        SingerPipeline.from_model(SingerModel.build(cfg.model, cfg.crop.resolution),
+                                  cfg.crop.resolution).save_pretrained(dest / "models" / "full")
+        (dest / "metrics").mkdir(exist_ok=True)
+        (dest / "metrics" / "train.json").write_text(json.dumps({"mlflow_run_id": "abc123"}))
+        summary = run_evaluate(cfg, progress=False)
+        yield dest, cfg, summary
+    finally:
+        mp.undo()
+
+
+PER_CLIP = ["ssim", "psnr", "cpbd", "lmd", "diversity", "bas", "identity", "mouth_correlation", "LSE-D", "LSE-C"]
+
+
+def test_outputs_exist_and_agree(serial_result):
+    root, cfg, summary = serial_result
+    out = root / "eval"
+    df = pd.read_parquet(out / "per_clip.parquet")
+    test_ids = (root / "data/split/test.txt").read_text().split()[:2]
+    assert df["clip_id"].tolist() == test_ids
+    assert set(df["subject"]) and all(df["subject"].astype(str).str.len() > 0)
+    for m in PER_CLIP:
+        assert {m, f"{m}_status", f"{m}_reason"} <= set(df.columns), m
+    for m in ["ssim", "psnr", "cpbd"]:  # always computable on two same-shaped videos
+        assert (df[f"{m}_status"] == "ok").all() and np.isfinite(df[m]).all()
+
+    ev = json.loads((root / "metrics" / "eval.json").read_text())
+    assert ev["n_clips"] == 2 and ev == {k: summary[k] for k in ev}
+    for m in PER_CLIP:
+        ok = df[m][df[f"{m}_status"] == "ok"]
+        if len(ok):
+            assert ev[m] == pytest.approx(float(ok.mean())), m
+            assert m not in ev["unavailable"]
+        else:
+            assert ev[m] is None and ev["unavailable"][m]
+
+    curves = pd.read_csv(out / "plots" / "mouth_curves.csv")
+    assert list(curves.columns) == ["clip_id", "frame", "generated", "truth"]
+    for cid in test_ids:
+        c = curves[curves["clip_id"] == cid]
+        assert len(c) == int(df.set_index("clip_id").loc[cid, "n_frames"]) == 50
+        assert np.isfinite(c["truth"]).all()  # the synthetic corpus knows its mouth opening
+    assert (df["truth_source"] == "truth.json").all()
+    pm = pd.read_csv(out / "plots" / "per_metric.csv")
+    assert {"ssim", "psnr"} <= set(pm["metric"])
+    for png in ("mouth_curves.png", "per_metric.png"):
+        assert (out / "plots" / png).read_bytes()[:4] == b"\x89PNG"
+    samples = sorted((out / "samples").glob("*.mp4"))
+    assert [p.stem for p in samples] == test_ids[:1]
+    from singer.media import read_frames
+
+    frames, _ = read_frames(samples[0])
+    assert frames.shape[0] == 50 and frames.shape[2] == 2 * frames.shape[1]
+    assert not list(out.rglob(".*tmp*"))  # atomic writes leave no temporaries
+
+
+def test_unavailable_metrics_carry_reasons_never_numbers(serial_result):
+    root, _, summary = serial_result
+    df = pd.read_parquet(root / "eval" / "per_clip.parquet")
+    ev = json.loads((root / "metrics" / "eval.json").read_text())
+    for m in ("fvd", "LSE-D", "LSE-C"):
+        assert ev[m] is None
+        assert isinstance(ev["unavailable"][m], str) and ev["unavailable"][m]
+    assert "I3D" in ev["unavailable"]["fvd"] or "SINGER_I3D_PATH" in ev["unavailable"]["fvd"]
+    for m in ("LSE-D", "LSE-C"):
+        assert (df[f"{m}_status"] == "unavailable").all()
+        assert df[m].isna().all()
+        assert df[f"{m}_reason"].str.len().gt(0).all()
+    # JSON null, not NaN
+    assert "NaN" not in (root / "metrics" / "eval.json").read_text()
+
+
+def test_mlflow_run_has_table_metrics_and_training_link(serial_result):
+    import mlflow
+
+    root, _, summary = serial_result
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    run = mlflow.MlflowClient().get_run(summary["mlflow_run_id"])
+    assert run.data.tags["stage"] == "evaluate"
+    assert run.data.tags["train_run_id"] == "abc123"
+    assert run.data.metrics["ssim"] == pytest.approx(summary["ssim"])
+    assert run.data.metrics["n_clips"] == 2
+    assert "fvd" not in run.data.metrics and "unavailable.fvd" in run.data.tags
+    client = mlflow.MlflowClient()
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"eval", "plots", "samples", "metrics"} <= top
+    ev = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
+    assert "eval/per_clip.json" in ev
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"plots/mouth_curves.png", "plots/per_metric.png"} <= plots
+
+
+def test_unknown_metric_and_missing_model_fail_clearly(eval_project):
+    from singer.evaluate.runner import run_evaluate
+
+    with pytest.raises(ValueError, match="unknown evaluate.metrics"):
+        run_evaluate(_config(["evaluate.metrics=[ssim,bogus]"]), progress=False)
+    with pytest.raises(FileNotFoundError, match="no saved model"):
+        run_evaluate(_config(["evaluate.num_workers=0", "evaluate.model_dir=models/none"]), progress=False)
+
+
+@pytest.mark.slow
+def test_ray_parallel_equals_serial(serial_result, tmp_path, monkeypatch):
+    """Same seeds -> the same per-clip values with 2 Ray actors as in-process."""
+    import ray
+
+    from singer.evaluate.runner import run_evaluate
+
+    root, _, _ = serial_result
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    serial = pd.read_parquet(root / "eval" / "per_clip.parquet")
+    ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths must stay short
+    monkeypatch.setenv("HOME", ray_tmp)  # token auth writes ~/.ray/auth_token
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=ray_tmp, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "HOME": ray_tmp}})
+    try:
+        run_evaluate(_config(["evaluate.num_workers=2", "evaluate.out_dir=eval_ray", "evaluate.sample_videos=0"]),
+                     progress=False)
+    finally:
+        ray.shutdown()
+    parallel = pd.read_parquet(root / "eval_ray" / "per_clip.parquet")
+    pd.testing.assert_frame_equal(serial, parallel)
+    a = pd.read_csv(root / "eval" / "plots" / "mouth_curves.csv")
+    b = pd.read_csv(root / "eval_ray" / "plots" / "mouth_curves.csv")
+    pd.testing.assert_frame_equal(a, b)
