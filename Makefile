@@ -58,6 +58,7 @@ bench: install
 	$(PY) benchmarks/preprocess.py
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/generate.py
+	$(PY) benchmarks/evaluate.py
 	$(PY) benchmarks/gpu_paper.py
 
 s3-up: install
