@@ -86,20 +86,26 @@ def vfr_face_video(path: Path, seconds: float = 2.6, size=(160, 160), sample_rat
     return path
 
 
-def audio_only(path: Path, seconds: float = 3.0, sample_rate: int = 16000) -> Path:
+def audio_file(path: Path, audio: np.ndarray, sample_rate: int, codec: str = "aac", fmt: str | None = "mp4",
+               frame_size: int = 1024) -> Path:
+    """An audio-only file (no video stream) encoded with PyAV: aac in mp4, libmp3lame, flac, ..."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    audio = tone(seconds, sample_rate)
-    with av.open(str(path), "w", format="mp4") as c:
-        s = c.add_stream("aac", rate=sample_rate)
+    audio = np.asarray(audio, np.float32)
+    with av.open(str(path), "w", format=fmt) as c:
+        s = c.add_stream(codec, rate=sample_rate)
         s.layout = "mono"
-        for i in range(0, len(audio), 1024):
-            af = av.AudioFrame.from_ndarray(audio[None, i : i + 1024].copy(), format="fltp", layout="mono")
+        for i in range(0, len(audio), frame_size):
+            af = av.AudioFrame.from_ndarray(audio[None, i : i + frame_size].copy(), format="fltp", layout="mono")
             af.sample_rate, af.pts = sample_rate, i
             for p in s.encode(af):
                 c.mux(p)
         for p in s.encode():
             c.mux(p)
     return path
+
+
+def audio_only(path: Path, seconds: float = 3.0, sample_rate: int = 16000) -> Path:
+    return audio_file(path, tone(seconds, sample_rate), sample_rate)
 
 
 def truncated(src: Path, dst: Path, keep: float = 0.4) -> Path:

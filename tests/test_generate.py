@@ -3,10 +3,10 @@ give ends in one line on stderr and exit code 1, never a traceback."""
 
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import soundfile as sf
+from factories import audio_file
 from PIL import Image
 from skimage import data
 from typer.testing import CliRunner
@@ -45,16 +45,7 @@ def inputs(tmp_path_factory):
 
 
 def write_mp3(path: Path, audio: np.ndarray, rate: int) -> None:
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("libmp3lame", rate=rate)
-        s.layout = "mono"
-        for i in range(0, len(audio), 1152):
-            f = av.AudioFrame.from_ndarray(audio[None, i:i + 1152].copy(), format="fltp", layout="mono")
-            f.sample_rate, f.pts = rate, i
-            for p in s.encode(f):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
+    audio_file(path, audio, rate, codec="libmp3lame", fmt=None, frame_size=1152)
 
 
 def run(*args):
