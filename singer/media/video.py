@@ -173,6 +173,9 @@ def write_video(
             vstream.width, vstream.height = frames.shape[2], frames.shape[1]
             vstream.pix_fmt = "yuv420p"
             vstream.options = {"crf": str(crf), "preset": "veryfast"}
+            # one encoder thread: with frame threads x264's choices depended on timing under load (a fresh
+            # clone re-encoded 3 frames of 2 crops differently), and DVC then sees changed outputs
+            vstream.codec_context.thread_count = 1
             astream = None
             if audio is not None:
                 astream = container.add_stream("aac", rate=int(sample_rate))
