@@ -155,3 +155,20 @@ def test_variants_set_the_spectral_flags_and_refuse_contradictions():
         assert (model.msm, model.sfm) == flags
     with pytest.raises(ValueError, match="use train.variant=no_sfm"):
         variant_config(load_config(overrides=["model.sfm=false"]))
+
+
+def test_checkpoints_are_keyed_by_config_and_data(tmp_path, monkeypatch):
+    from singer.train.loop import run_key
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data/crops").mkdir(parents=True)
+    (tmp_path / "data/split").mkdir(parents=True)
+    (tmp_path / "data/crops/manifest.parquet").write_bytes(b"v1")
+    (tmp_path / "data/split/train.txt").write_text("a\n")
+    cfg = load_config()
+    first = run_key(cfg)
+    assert first == run_key(cfg) and first.startswith("full-")
+    assert run_key(load_config(overrides=["train.lr=0.5"])) != first
+    assert run_key(load_config(overrides=["train.keep_last=9"])) == first  # bookkeeping only
+    (tmp_path / "data/split/train.txt").write_text("a\nb\n")
+    assert run_key(cfg) != first  # new data never resumes an old run

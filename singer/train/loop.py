@@ -51,11 +51,17 @@ def variant_config(cfg: Config) -> Config:
 
 
 def run_key(cfg: Config) -> str:
-    """Checkpoints belong to one configuration: `<variant>-<hash of model, train, data parameters>`."""
+    """Checkpoints belong to one configuration and one dataset: `<variant>-<hash>` over the model, train and
+    data parameters and the training data (the md5 DVC recorded for data/crops and data/split in dvc.lock,
+    which DVC updates before this stage runs; the files' own sha256 outside DVC). New data never resumes
+    an old run."""
+    from singer.tracking import data_hash
+
     relevant = {"model": cfg.model.model_dump(mode="json"), "crop": cfg.crop.model_dump(mode="json"),
                 "clip": cfg.clip.model_dump(mode="json"),
                 "train": cfg.train.model_dump(mode="json", exclude={"keep_last", "validate_every", "log_every",
-                                                                    "num_workers", "accelerate_profile"})}
+                                                                    "num_workers", "accelerate_profile"}),
+                "data": data_hash([cfg.paths.crops, cfg.paths.split])}
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:10]
     return f"{cfg.train.variant}-{digest}"
 
