@@ -30,10 +30,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 
-from singer.data.crop import _iou, _side  # one definition of box size and overlap for crops and portraits
+# one definition of detection, box size and overlap for crops and portraits
+from singer.data.crop import _detect_region, _iou, _side
 
 __all__ = [
     "FaceDetection",
@@ -118,20 +118,8 @@ def as_rgb_uint8(image: np.ndarray, what: str = "the image") -> np.ndarray:
 
 def _detect_scaled(image: np.ndarray, scale: float, upsample: int) -> list[tuple[Box, float]]:
     """HOG on the image rescaled by `scale` (then dlib-upsampled); boxes in source pixels, best first."""
-    from singer.data import landmarks as lmk
-
     h, w = image.shape[:2]
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    work = image
-    if size != (w, h):
-        interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-        work = cv2.resize(image, size, interpolation=interp)
-    sx, sy = size[0] / w, size[1] / h
-    out = []
-    for (x0, y0, x1, y1), score in lmk.detect_faces(work, upsample):
-        out.append((((x0 + 0.5) / sx - 0.5, (y0 + 0.5) / sy - 0.5, (x1 + 0.5) / sx - 0.5, (y1 + 0.5) / sy - 0.5),
-                    float(score)))
-    return out
+    return _detect_region(image, 0, 0, w, h, scale, upsample)
 
 
 def find_face(
