@@ -198,6 +198,51 @@ def evaluate(
 
 
 @app.command()
+def ablate(
+    params: Path = ParamsOpt,
+    preset: str | None = PresetOpt,
+    set_: list[str] | None = SetOpt,
+    variant: str | None = typer.Option(None, help="run only this variant (with --seed): one DVC ablate-run stage"),
+    seed: int | None = typer.Option(None, help="the seed of that one run"),
+    report: bool = typer.Option(True, help="write the table after the runs (--no-report: only the runs)"),
+    report_only: bool = typer.Option(False, "--report-only", help="only the table, from the runs on disk"),
+    launch: bool = typer.Option(True, help="train through `accelerate launch` (--no-launch: in this process)"),
+    progress: bool = typer.Option(True, help="show progress bars"),
+) -> None:
+    """Train and evaluate full / no_msm / no_sfm / no_both with one budget; metrics/ablation.json + Table 3."""
+    from singer.ablate import (
+        AblationError,
+        AblationRun,
+        planned_runs,
+        run_all,
+        run_is_current,
+        run_one,
+        write_report,
+    )
+
+    try:
+        cfg = _load(params, preset, set_)
+        planned = planned_runs(cfg)
+        if report_only:
+            result = write_report(cfg)
+        elif variant is not None or seed is not None:
+            one = AblationRun(variant or "full", int(seed if seed is not None else cfg.ablate.seeds[0]))
+            if one not in planned:
+                _fail(f"ablate: {one.name} is not in ablate.variants x ablate.seeds "
+                      f"({', '.join(r.name for r in planned)})")
+            run_one(cfg, one, params, preset, set_, launch=launch, progress=progress)
+            result = write_report(cfg) if report and all(run_is_current(cfg, r) for r in planned) else None
+        else:
+            result = run_all(cfg, params, preset, set_, launch=launch, progress=progress, report=report)
+    except (AblationError, FileNotFoundError, ValueError) as exc:
+        _fail(f"ablate: {exc}")
+    if result is not None:
+        from singer.ablate import markdown_table
+
+        typer.echo(markdown_table(result))
+
+
+@app.command()
 def register(
     model_dir: Path | None = typer.Option(None, help="save_pretrained folder (default: evaluate.model_dir)"),
     metrics_file: Path | None = typer.Option(None, help="evaluation metrics JSON (default: metrics/eval.json)"),

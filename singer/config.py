@@ -211,6 +211,18 @@ class ReleaseConfig(Section):
     require_metrics: list[str] = ["lmd", "mouth_correlation"]
 
 
+class AblateConfig(Section):
+    """`singer ablate`: the spectral-module variants trained and evaluated with one budget (Table 3)."""
+
+    variants: list[str] = ["full", "no_msm", "no_sfm", "no_both"]
+    seeds: list[int] = [0]                    # every variant is trained and evaluated once per seed
+    steps: int | None = None                  # training steps of every run; None: train.steps
+    max_clips: int | None = None              # test clips per run; None: evaluate.max_clips
+    inference_steps: int | None = None        # sampling steps; None: evaluate.inference_steps
+    sample_videos: int = 1
+    out_dir: Path = Path("ablation")          # <out_dir>/<variant>-s<seed>/{models,metrics,eval}
+
+
 class TrackingConfig(Section):
     tracking_uri: str = "sqlite:///mlflow.db"  # MLFLOW_TRACKING_URI wins when set
     artifact_location: str = "./mlartifacts"
@@ -233,6 +245,7 @@ class Config(Section):
     tracking: TrackingConfig = TrackingConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     release: ReleaseConfig = ReleaseConfig()
+    ablate: AblateConfig = AblateConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -1,0 +1,180 @@
+"""`singer ablate`: the plan, the Table-3 report over seeds, stale runs, and `dvc repro ablate` for real
+(two variants trained through `accelerate launch`, evaluated, nested MLflow runs, a second repro does nothing)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _config(overrides=()):
+    from singer.config import load_config
+
+    return load_config(ROOT / "params.yaml", overrides=list(overrides))
+
+
+def test_plan_covers_variants_times_seeds_and_rejects_unknown():
+    from singer.ablate import planned_runs
+
+    runs = planned_runs(_config(["ablate.seeds=[0,1]"]))
+    assert [r.name for r in runs] == ["full-s0", "full-s1", "no_msm-s0", "no_msm-s1", "no_sfm-s0", "no_sfm-s1",
+                                      "no_both-s0", "no_both-s1"]
+    with pytest.raises(ValueError, match="unknown variant"):
+        planned_runs(_config(["ablate.variants=[full,no_attention]"]))
+
+
+def test_run_overrides_give_every_variant_the_same_budget(tmp_path):
+    from singer.ablate import AblationRun, run_overrides
+
+    cfg = _config(["ablate.steps=7", "ablate.max_clips=2"])
+    a = dict(o.split("=", 1) for o in run_overrides(cfg, AblationRun("full", 0), tmp_path / "a"))
+    b = dict(o.split("=", 1) for o in run_overrides(cfg, AblationRun("no_both", 0), tmp_path / "b"))
+    assert a["train.steps"] == b["train.steps"] == "7"
+    assert a["evaluate.max_clips"] == b["evaluate.max_clips"] == "2"
+    assert (a["train.variant"], b["train.variant"]) == ("full", "no_both")
+    assert a["evaluate.model_dir"].endswith("models/full") and b["evaluate.model_dir"].endswith("models/no_both")
+    # without ablate.steps the budget is train.steps
+    plain = dict(o.split("=", 1) for o in run_overrides(_config(), AblationRun("no_sfm", 3), tmp_path))
+    assert plain["train.steps"] == str(_config().train.steps) and plain["train.seed"] == "3"
+
+
+def _fake_run(cfg, run, metrics: dict, unavailable: dict | None = None, loss: float = 0.3):
+    """A finished run's folder as run_one leaves it (what the report reads)."""
+    from singer.ablate import RUN_FILE, ablation_key, run_dir
+
+    d = run_dir(cfg, run) / "metrics"
+    d.mkdir(parents=True)
+    prefix = "" if run.variant == "full" else f"{run.variant}-"
+    (d / f"{prefix}eval.json").write_text(json.dumps({**metrics, "unavailable": unavailable or {}}))
+    (d / f"{prefix}train.json").write_text(json.dumps({"final_loss": loss, "seconds": 1.0}))
+    (run_dir(cfg, run) / RUN_FILE).write_text(json.dumps({"ablation_key": ablation_key(cfg)}))
+
+
+def test_report_table_has_table3_shape_and_seed_spread(tmp_path, monkeypatch):
+    from singer.ablate import AblationRun, aggregate, markdown_table
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cfg = _config(["ablate.seeds=[0,1]", "ablate.variants=[full,no_msm]", "paths.metrics=metrics"])
+    fvd_reason = {"fvd": "no I3D weights given"}
+    _fake_run(cfg, AblationRun("full", 0), {"lmd": 2.0, "bas": 0.3, "diversity": 5.0, "fvd": None}, fvd_reason)
+    _fake_run(cfg, AblationRun("full", 1), {"lmd": 4.0, "bas": 0.5, "diversity": 7.0, "fvd": None}, fvd_reason)
+    _fake_run(cfg, AblationRun("no_msm", 0), {"lmd": 5.0, "bas": 0.2, "diversity": 6.0, "fvd": None}, fvd_reason)
+    _fake_run(cfg, AblationRun("no_msm", 1), {"lmd": 5.0, "bas": 0.2, "diversity": 6.0, "fvd": None}, fvd_reason)
+
+    result = aggregate(cfg)
+    full = result["variants"]["full"]["metrics"]
+    assert full["lmd"]["mean"] == pytest.approx(3.0)
+    assert full["lmd"]["std"] == pytest.approx(2 ** 0.5)  # sample std of (2, 4)
+    assert full["lmd"]["values"] == [2.0, 4.0]
+    assert result["variants"]["no_msm"]["metrics"]["lmd"]["std"] == 0.0
+    assert "fvd" not in full and "I3D" in result["variants"]["full"]["unavailable"]["fvd"]
+
+    table = markdown_table(result)
+    header = next(line for line in table.splitlines() if line.startswith("| variant"))
+    assert header.split("|")[2:6] == [" Diversity↑ ", " BAS↑ ", " LMD↓ ", " FVD↓ "]
+    rows = [line for line in table.splitlines() if line.startswith("| without") or line.startswith("| SINGER")]
+    assert [r.split("|")[1].strip() for r in rows] == ["without MSM", "SINGER"]  # Table 3's row order
+    assert "3.00 ± 1.41" in rows[1] and "n/a" in rows[1]
+    assert "LMD: full beats all" in table and "BAS: full beats all" in table
+    assert "Diversity: full does not beat" in table
+
+
+def test_report_refuses_missing_and_stale_runs(tmp_path, monkeypatch):
+    from singer.ablate import AblationError, AblationRun, aggregate
+
+    monkeypatch.chdir(tmp_path)
+    cfg = _config(["ablate.variants=[full]"])
+    with pytest.raises(AblationError, match="full-s0 has no"):
+        aggregate(cfg)
+    _fake_run(cfg, AblationRun("full", 0), {"lmd": 1.0})
+    assert aggregate(cfg)["variants"]["full"]["metrics"]["lmd"]["mean"] == 1.0
+    changed = _config(["ablate.variants=[full]", "evaluate.inference_steps=3"])
+    with pytest.raises(AblationError, match="other parameters"):
+        aggregate(changed)
+
+
+# ------------------------------------------------------------------------------------ dvc repro ablate
+
+
+def _run(cmd, cwd, check=True):
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+           "DVC_SITE_CACHE_DIR": str(cwd / ".dvc-site-cache"), "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
+    env.pop("MLFLOW_RUN_ID", None)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.mark.slow
+def test_dvc_repro_ablate_trains_evaluates_and_reports(tiny_project, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(ROOT / name, repo / name)
+    for name in ("singer", "infra"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(tiny_project / "data", repo / "data")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["train"].update({"steps": 2, "batch_size": 1, "checkpoint_every": 2, "validate_every": 0})
+    params["evaluate"].update({"max_clips": 1, "inference_steps": 2, "identity_max_frames": 2, "cpbd_every": 10,
+                               "num_workers": 0})
+    params["ablate"].update({"variants": ["full", "no_both"], "seeds": [0], "sample_videos": 0})
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run(["git", "init", "-q"], repo)
+    _run(["dvc", "init", "-q"], repo)
+    # the data stages' outputs are already there (the session corpus): record them instead of rerunning;
+    # their reports and counts are not what this test is about
+    for stage in ("ingest", "clip", "crop", "split"):
+        for path in (f"reports/{stage}.validation.json", f"reports/{stage}.validation.md", f"metrics/{stage}.json"):
+            (repo / path).parent.mkdir(exist_ok=True)
+            if not (repo / path).exists():
+                (repo / path).write_text("{}\n")
+    _run(["dvc", "commit", "-f", "-q", "ingest", "clip", "crop", "split"], repo)
+
+    out = _run(["dvc", "repro", "ablate"], repo)
+    ran = [line for line in out.stdout.splitlines() if line.startswith("Running stage")]
+    assert [r.split("'")[1] for r in ran] == ["ablate-run@full-0", "ablate-run@no_both-0", "ablate"]
+    for name in ("full-s0", "no_both-s0"):
+        run_dir = repo / "ablation" / name
+        assert (run_dir / "run.json").exists() and (run_dir / "eval" / "per_clip.parquet").exists()
+        assert (run_dir / "models" / name.split("-s")[0] / "model_index.json").exists()
+    assert not list((repo / "ablation").glob("*.partial"))
+
+    result = json.loads((repo / "metrics" / "ablation.json").read_text())
+    assert set(result["variants"]) == {"full", "no_both"}
+    assert result["budget"]["steps"] == 2
+    assert "ssim" in result["variants"]["full"]["metrics"]  # computed on the generated frames
+    assert (repo / "reports" / "ablation.png").stat().st_size > 0
+    table = (repo / "reports" / "ablation.md").read_text()
+    assert "| SINGER |" in table and "| without both |" in table
+
+    shown = _run(["dvc", "metrics", "show", "--json"], repo).stdout
+    assert "ablation.json" in shown
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("singer")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("stage") == "ablate"]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(r.info.run_name for r in children) == ["full-s0", "no_both-s0"]
+    for child in children:  # training and evaluation logged into the same child run
+        assert "loss" in child.data.metrics and "ssim" in child.data.metrics
+    assert any(a.path == "ablation" for a in client.list_artifacts(parents[0].info.run_id))
+
+    again = _run(["dvc", "repro", "ablate"], repo)
+    assert "Running stage" not in again.stdout
