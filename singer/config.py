@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -201,6 +201,9 @@ class EvaluateConfig(Section):
     i3d_path: str | None = None               # FVD weights (SINGER_I3D_PATH wins when set); absent: unavailable
     syncnet_path: str | None = None           # LSE weights (SINGER_SYNCNET_PATH)
     sample_videos: int = 3                    # side-by-side videos logged to MLflow
+    # a control: generate from another test clip's audio (of another subject when there is one) or from
+    # silence, and score against the clip's own ground truth (does the audio, not the reference, drive it?)
+    audio_control: Literal["none", "shuffled", "silent"] = "none"
 
 
 class ReleaseConfig(Section):

@@ -178,3 +178,35 @@ def test_ray_parallel_equals_serial(serial_result, tmp_path, monkeypatch):
     a = pd.read_csv(root / "eval" / "plots" / "mouth_curves.csv")
     b = pd.read_csv(root / "eval_ray" / "plots" / "mouth_curves.csv")
     pd.testing.assert_frame_equal(a, b)
+
+
+def test_shuffled_partner_prefers_another_subject():
+    from singer.evaluate.runner import shuffled_partner
+
+    clips = [{"index": i, "clip_id": f"c{i}", "subject": s} for i, s in enumerate("aabbc")]
+    partners = [shuffled_partner(clips, i) for i in range(len(clips))]
+    assert partners == ["c2", "c2", "c4", "c4", "c0"]
+    assert all(p != c["clip_id"] for p, c in zip(partners, clips))
+    same = [{"index": i, "clip_id": f"c{i}", "subject": "a"} for i in range(3)]
+    assert [shuffled_partner(same, i) for i in range(3)] == ["c1", "c2", "c0"]  # one subject: the next clip
+
+
+def test_audio_controls_drive_generation_with_other_or_no_audio(eval_project):
+    from singer.evaluate.runner import ClipEvaluator, test_clips
+
+    cfg = _config(["evaluate.audio_control=shuffled", "evaluate.metrics=[ssim]"])
+    clips = test_clips(cfg)
+    evaluator = ClipEvaluator(cfg)
+    own = evaluator._read(clips[0]["clip_id"])[2]
+    partner = evaluator._read(clips[0]["audio_from"])[2]
+    assert clips[0]["audio_from"] != clips[0]["clip_id"]
+    driving = evaluator._driving_audio(clips[0], own)
+    assert len(driving) == len(own)
+    m = min(len(own), len(partner))
+    np.testing.assert_array_equal(driving[:m], partner[:m])
+    assert not np.array_equal(driving, own)
+
+    silent = ClipEvaluator(_config(["evaluate.audio_control=silent", "evaluate.metrics=[ssim]"]))
+    assert not silent._driving_audio(clips[0], own).any()
+    plain = ClipEvaluator(_config(["evaluate.metrics=[ssim]"]))
+    np.testing.assert_array_equal(plain._driving_audio(clips[0], own), own)

@@ -186,6 +186,8 @@ def write_outputs(cfg: Config, rows: list[dict], set_level: dict[str, Any], seco
     names = metric_names(rows, set_level)
     df = per_clip_frame(rows, names)
     summary = summarize(rows, set_level, names)
+    if cfg.evaluate.audio_control != "none":  # a control, not the model's score: say so in the file
+        summary["audio_control"] = cfg.evaluate.audio_control
     curves = curves_frame(rows)
     per_metric = per_metric_frame(df, [n for n in names if n not in set_level])
     paths: dict[str, Any] = {

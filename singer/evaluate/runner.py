@@ -62,7 +62,20 @@ def test_clips(cfg: Config) -> list[dict[str, Any]]:
     missing = [c for c in ids if c not in manifest.index]
     if missing:
         raise FileNotFoundError(f"test clips missing from {cfg.paths.crops}/manifest.parquet: {missing[:3]}")
-    return [{"index": i, "clip_id": c, "subject": str(manifest.loc[c].get("subject", ""))} for i, c in enumerate(ids)]
+    clips = [{"index": i, "clip_id": c, "subject": str(manifest.loc[c].get("subject", ""))} for i, c in enumerate(ids)]
+    if cfg.evaluate.audio_control == "shuffled":
+        for clip in clips:
+            clip["audio_from"] = shuffled_partner(clips, clip["index"])
+    return clips
+
+
+def shuffled_partner(clips: list[dict[str, Any]], index: int) -> str:
+    """The clip whose audio clip `index` gets in the shuffled-audio control: the next clip (cyclically) of
+    another subject, else simply the next clip. Deterministic, and never the clip itself when there are two."""
+    n = len(clips)
+    order = [clips[(index + k) % n] for k in range(1, n)]
+    other = [c for c in order if c["subject"] != clips[index]["subject"]]
+    return (other or order or [clips[index]])[0]["clip_id"]
 
 
 class ClipEvaluator:
@@ -121,6 +134,17 @@ class ClipEvaluator:
         frames, audio, reference, masks, mouth = ds._read_clip(clip_id)
         return ds, frames, audio, reference, masks, mouth
 
+    def _driving_audio(self, clip: dict[str, Any], audio: np.ndarray) -> np.ndarray:
+        """The audio the video is generated from: the clip's own, or the control's (same length). The
+        metrics keep using the clip's own audio and ground truth."""
+        control = self.cfg.evaluate.audio_control
+        if control == "silent":
+            return np.zeros_like(audio)
+        if control == "shuffled" and clip.get("audio_from"):
+            other = self._read(clip["audio_from"])[2][: len(audio)]
+            return np.pad(other, (0, len(audio) - len(other)))
+        return audio
+
     def ping(self) -> bool:
         return True
 
@@ -149,7 +173,7 @@ class ClipEvaluator:
         t0 = time.perf_counter()
         ref = {"image": reference, "masks": {"face": masks[0], "lip": masks[1], "pose": masks[2]}}
         generator = torch.Generator().manual_seed(int(ec.seed) + int(clip["index"]))
-        out = self.pipe(ref, audio, embedding, num_inference_steps=ec.inference_steps,
+        out = self.pipe(ref, self._driving_audio(clip, audio), embedding, num_inference_steps=ec.inference_steps,
                         guidance_scale=ec.guidance_scale, generator=generator, num_frames=n, progress=False)
         generated = np.ascontiguousarray(out.frames[:n])
         timings["generate"] = time.perf_counter() - t0
