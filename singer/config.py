@@ -154,6 +154,7 @@ class ModelConfig(Section):
     prediction_type: str = "v_prediction"
     inference_steps: int = 25
     guidance_scale: float = 3.5
+    snr_gamma: float | None = 5.0             # min-SNR-gamma loss weighting (Hallo's snr_gamma); None: plain MSE
     audio_dropout: float = 0.05               # condition dropout in training, for classifier-free guidance
     reference_dropout: float = 0.05
     # training: how often the motion frames are replaced by the reference image, as in a song's first window

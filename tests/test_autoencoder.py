@@ -193,3 +193,21 @@ def test_helpers_match_diffusers(tiny):
     assert torch.equal(training_target(eps, x0, noise, t), noise)
     sample = make_scheduler(tiny.model_copy(update={"prediction_type": "sample"}))
     assert torch.equal(training_target(sample, x0, noise, t), x0)
+
+
+def test_min_snr_weights_follow_hallo_and_agree_across_parameterisations(tiny):
+    from singer.models.scheduler import min_snr_weights
+
+    s = make_scheduler(tiny)
+    t = torch.tensor([0, 100, 500, 999])
+    assert torch.equal(min_snr_weights(s, t, None), torch.ones(4))
+    w = min_snr_weights(s, t, 5.0)
+    ac = s.alphas_cumprod[t].double()
+    snr = ac / (1 - ac)
+    assert torch.allclose(w.double(), torch.minimum(snr + 1, torch.tensor(5.0)) / (snr + 1), atol=1e-6)
+    assert float(w[-1]) == 1.0  # zero terminal SNR: x0 must come from the conditions, full weight
+    assert float(w[0]) < 0.01  # nearly clean input: v is almost pure noise, little weight
+    # the v error is the x0 error / sqrt(1 - a_t): the weighted v loss equals x0 prediction's weighted loss
+    sample = make_scheduler(tiny.model_copy(update={"prediction_type": "sample"}))
+    w_x0 = min_snr_weights(sample, t, 5.0)
+    assert torch.allclose(w.double() / (1 - ac), w_x0.double(), rtol=1e-4)

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from diffusers import DDIMScheduler
 
-__all__ = ["add_noise", "make_scheduler", "sample_timesteps", "training_target", "velocity_target"]
+__all__ = ["add_noise", "make_scheduler", "min_snr_weights", "sample_timesteps", "training_target",
+           "velocity_target"]
 
 
 def make_scheduler(model_cfg: Any, zero_snr: bool = True) -> DDIMScheduler:
@@ -87,3 +88,25 @@ def sample_timesteps(scheduler: DDIMScheduler, batch: int, generator: torch.Gene
     """(batch,) training timesteps, uniform over [0, num_train_timesteps)."""
     t = torch.randint(0, int(scheduler.config.num_train_timesteps), (batch,), generator=generator)
     return t.to(device) if device is not None else t
+
+
+def min_snr_weights(scheduler: DDIMScheduler, timesteps: torch.Tensor, gamma: float | None) -> torch.Tensor:
+    """Per-sample loss weights of min-SNR-gamma (Hang et al. 2023; Hallo trains with ``snr_gamma: 5.0``).
+
+    SNR(t) = a_t / (1 - a_t). For a v-prediction model the weight is min(SNR + 1, gamma) / (SNR + 1): 1 at
+    the zero-SNR end (where the model must draw x0 from the conditions alone) and small for nearly clean
+    inputs, where v is almost pure, unpredictable noise whose loss dominates the gradient without
+    improving samples. Since the v error is the x0 error / sqrt(1 - a_t), this is the x0 loss weighted by
+    min(SNR + 1, gamma), which is what `sample` prediction gets; epsilon: min(SNR, gamma) / SNR.
+    gamma None: all ones.
+    """
+    if gamma is None:
+        return torch.ones(timesteps.shape[0])
+    ac = scheduler.alphas_cumprod[timesteps.cpu().long()].double()
+    snr = ac / (1 - ac).clamp_min(1e-20)
+    kind = scheduler.config.prediction_type
+    if kind != "epsilon":  # v and x0 both see t = T, where SNR = 0 with zero terminal SNR
+        snr = snr + 1
+    capped = snr.clamp(max=float(gamma))
+    weights = capped if kind == "sample" else capped / snr.clamp_min(1e-20)
+    return weights.float().to(timesteps.device)

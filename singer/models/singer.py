@@ -29,7 +29,7 @@ from singer.models.audio import AudioEncoder, make_audio_encoder
 from singer.models.autoencoder import encode_video, load_autoencoder, vae_scale_factor
 from singer.models.face import FaceEncoder
 from singer.models.msm import MultiScaleSpectralModule
-from singer.models.scheduler import make_scheduler, sample_timesteps, training_target
+from singer.models.scheduler import make_scheduler, min_snr_weights, sample_timesteps, training_target
 from singer.models.unet import DenoisingUNet3D, FaceLocator, ReferenceUNet2D
 
 # names accepted in train.trainable, and the modules they stand for
@@ -193,5 +193,6 @@ class SingerModel(nn.Module):
         z_t = self.scheduler.add_noise(x0, noise, t)
         target = training_target(self.scheduler, x0, noise, t)
         pred = self.denoise(z_t, t, cond)
-        loss = F.mse_loss(pred.float(), target.float())
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+        loss = (per_sample * min_snr_weights(self.scheduler, t, self.cfg.snr_gamma).to(per_sample.device)).mean()
         return loss, {"loss": loss.detach(), "t_mean": t.float().mean()}
