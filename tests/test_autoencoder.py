@@ -26,7 +26,9 @@ from singer.models.scheduler import (
 
 @pytest.fixture(scope="module")
 def tiny():
-    return load_config("params.yaml", preset="tiny").model
+    """The tiny model config with Hallo's v-prediction (the tiny preset itself predicts x0; these tests check
+    the scheduler settings every preset shares, and v-specific identities)."""
+    return load_config("params.yaml", preset="tiny").model.model_copy(update={"prediction_type": "v_prediction"})
 
 
 def _video(b=2, f=5, h=64, w=48, seed=0):
@@ -148,6 +150,8 @@ def test_scheduler_settings(tiny):
     assert int(s.timesteps[0]) == 999  # trailing: sampling starts at the last, pure-noise timestep
     with pytest.raises(ValueError, match="zero terminal SNR"):
         make_scheduler(tiny.model_copy(update={"prediction_type": "epsilon"}))
+    assert load_config("params.yaml", preset="paper").model.prediction_type == "v_prediction"  # Hallo's
+    assert load_config("params.yaml", preset="tiny").model.prediction_type == "sample"
     assert make_scheduler(tiny.model_copy(update={"prediction_type": "epsilon"}), zero_snr=False)
 
 

@@ -117,13 +117,15 @@ def test_msm_runs_once_per_denoising_step(cfg):
     assert not torch.equal(z_seen[0], z_seen[1])  # recomputed from the current z_t, not the first noise
 
 
-def test_sampler_with_an_oracle_denoiser_reproduces_the_target(cfg, monkeypatch):
-    """If the network predicted the exact v of a known video, the pipeline (noise, DDIM steps, guidance,
-    windows, decoding) must return that video: this isolates sampling bugs from learning."""
+@pytest.mark.parametrize("prediction", ["v_prediction", "sample"])
+def test_sampler_with_an_oracle_denoiser_reproduces_the_target(cfg, monkeypatch, prediction):
+    """If the network predicted the exact v (or x0) of a known video, the pipeline (noise, DDIM steps,
+    guidance, windows, decoding) must return that video: this isolates sampling bugs from learning."""
     from skimage import data
 
     from singer.models.reference import prepare_reference
 
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"prediction_type": prediction})})
     model = build(cfg)
     pipe = SingerPipeline.from_model(model, cfg.crop.resolution)
     reference = prepare_reference(data.astronaut(), cfg.crop.resolution)
@@ -134,6 +136,8 @@ def test_sampler_with_an_oracle_denoiser_reproduces_the_target(cfg, monkeypatch)
     def oracle(self, z_t, t, cond):
         a = alphas[t.long()].view(-1, 1, 1, 1, 1).to(z_t.dtype)
         alpha, sigma = a.sqrt(), (1 - a).sqrt()
+        if prediction == "sample":
+            return x0.expand_as(z_t)
         eps = (z_t - alpha * x0) / sigma
         return alpha * eps - sigma * x0
 
