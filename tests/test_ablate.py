@@ -44,8 +44,9 @@ def test_run_overrides_give_every_variant_the_same_budget(tmp_path):
     assert (a["train.variant"], b["train.variant"]) == ("full", "no_both")
     assert a["evaluate.model_dir"].endswith("models/full") and b["evaluate.model_dir"].endswith("models/no_both")
     # without ablate.steps the budget is train.steps
-    plain = dict(o.split("=", 1) for o in run_overrides(_config(), AblationRun("no_sfm", 3), tmp_path))
-    assert plain["train.steps"] == str(_config().train.steps) and plain["train.seed"] == "3"
+    unset = _config(["ablate.steps=null"])
+    plain = dict(o.split("=", 1) for o in run_overrides(unset, AblationRun("no_sfm", 3), tmp_path))
+    assert plain["train.steps"] == str(unset.train.steps) and plain["train.seed"] == "3"
 
 
 def _fake_run(cfg, run, metrics: dict, unavailable: dict | None = None, loss: float = 0.3):
