@@ -199,6 +199,7 @@ def write_outputs(cfg: Config, rows: list[dict], set_level: dict[str, Any], seco
         "timings": write_json_atomic(out / "timings.json", timings_summary(rows, seconds)),
     }
     samples = []
+    (out / "samples").mkdir(parents=True, exist_ok=True)  # a declared DVC output, even with no sample videos
     for r in rows:
         if "frames" in r:
             gt, gen = r["frames"]
