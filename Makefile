@@ -42,17 +42,24 @@ test-fast: install
 lint: install
 	$(VENV)/bin/ruff check singer tests benchmarks
 
-# The demo: a synthetic corpus, the pipeline through training with DVC, then a video of a held-out singer.
+# The demo: a synthetic corpus, the whole pipeline as a Prefect flow (every DVC stage, ingest to ablate),
+# the model registered and put through the release gate, then a video of a held-out singer.
 demo: install
 	@test -d data/raw || singer synth --out data/raw
-	dvc repro train
-	dvc metrics show
+	python -m flows.pipeline
+	singer register
+	@if singer release; then echo "models:/singer@champion" > outputs.model; \
+	 else echo "release gate refused (above): the video comes from models/full"; echo "models/full" > outputs.model; fi
 	python -m singer.demo --out outputs
-	singer generate --image outputs/portrait.png --audio outputs/song.wav --output outputs/demo.mp4 --model models/full
+	singer generate --image outputs/portrait.png --audio outputs/song.wav --output outputs/demo.mp4 \
+		--model "$$(cat outputs.model)" --steps 10 --no-progress
+	@rm -f outputs.model
 	@echo
-	@echo "Video:      outputs/demo.mp4 (a held-out synthetic singer, tiny model trained on CPU)"
-	@echo "Data:       data/split/{train,test}.txt, reports/*.validation.md, metrics/*.json"
-	@echo "MLflow UI:  .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db  (http://127.0.0.1:5000)"
+	@echo "Video:      outputs/demo.mp4 (a held-out synthetic singer; tiny model trained on CPU)"
+	@echo "Metrics:    dvc metrics show; reports/ablation.md (Table 3 shape); eval/plots/mouth_curves.png"
+	@echo "Data:       data/split/{train,test}.txt, reports/*.validation.md"
+	@echo "MLflow UI:  .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db   (http://127.0.0.1:5000; model 'singer')"
+	@echo "Prefect UI: .venv/bin/prefect server start   (http://127.0.0.1:4200; the flow run and its artifacts)"
 
 bench: install
 	$(PY) benchmarks/preprocess.py
@@ -67,4 +74,4 @@ s3-down: install
 	singer s3 down
 
 clean-data:
-	rm -rf data/ingested data/clips data/crops data/split models/full checkpoints outputs
+	rm -rf data/ingested data/clips data/crops data/split models checkpoints outputs eval ablation
