@@ -277,6 +277,10 @@ def run_clips(cfg: Config, clips: list[dict], keep: set[int] | None = None, prog
         else:
             import ray
 
+            if "bas" in cfg.evaluate.metrics:
+                from singer.evaluate.metrics.bas import warm_up
+
+                warm_up()  # compile librosa's numba beat tracker here, once, not in N workers at once
             started = _init_ray(workers)
             try:
                 actor_cls = ray.remote(num_cpus=1)(ClipEvaluator).options(

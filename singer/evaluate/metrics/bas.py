@@ -51,6 +51,16 @@ def music_beats(audio: np.ndarray, sr: int, fps: float, n_frames: int | None = N
     return np.unique(frames)
 
 
+def warm_up() -> None:
+    """Run the beat tracker once. librosa's tracker is a numba gufunc cached on disk: on a fresh install two
+    Ray workers compiling and writing that cache at the same moment crashed one of them (SIGSEGV inside
+    numba's gufunc call, measured 2026-11-21). Called in the driver before the workers start, so they only
+    read the cache."""
+    t = np.arange(16000 * 2) / 16000.0
+    clicks = (np.sin(2 * np.pi * 220 * t) * (np.mod(t, 0.5) < 0.05)).astype(np.float32)
+    music_beats(clicks, 16000, 25.0)
+
+
 def kinetic_velocity(landmarks: np.ndarray, sigma: float = SIGMA_FRAMES) -> np.ndarray:
     """(T-1,) smoothed mean landmark displacement between consecutive frames."""
     from scipy.ndimage import gaussian_filter1d
