@@ -16,6 +16,8 @@ Frames without a face (NaN rows) are filled by linear interpolation before the v
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from singer.evaluate.metrics.base import MetricResult, as_landmarks, valid_rows, video_landmarks
@@ -38,6 +40,7 @@ def music_beats(audio: np.ndarray, sr: int, fps: float, n_frames: int | None = N
     """Beat positions as video frame indices (int array, increasing)."""
     import librosa
 
+    warm_up()
     y = np.asarray(audio, np.float32).ravel()
     if y.size == 0:
         return np.zeros(0, int)
@@ -51,14 +54,29 @@ def music_beats(audio: np.ndarray, sr: int, fps: float, n_frames: int | None = N
     return np.unique(frames)
 
 
+_COMPILED = False
+
+
 def warm_up() -> None:
-    """Run the beat tracker once. librosa's tracker is a numba gufunc cached on disk: on a fresh install two
-    Ray workers compiling and writing that cache at the same moment crashed one of them (SIGSEGV inside
-    numba's gufunc call, measured 2026-11-21). Called in the driver before the workers start, so they only
-    read the cache."""
-    t = np.arange(16000 * 2) / 16000.0
-    clicks = (np.sin(2 * np.pi * 220 * t) * (np.mod(t, 0.5) < 0.05)).astype(np.float32)
-    music_beats(clicks, 16000, 25.0)
+    """Compile (or load) librosa's numba beat tracker once per process, one process at a time.
+
+    librosa caches its numba gufuncs on disk. On a fresh install two processes compiling them at the same
+    moment (two Ray workers, two pytest workers) left a corrupt cache, and every later call segfaulted inside
+    numba's gufunc (measured 2026-11-21; deleting librosa's __pycache__/*.nbi/*.nbc cured it). A file lock
+    makes the first compile happen in one process while the others wait and then read the finished cache.
+    """
+    global _COMPILED
+    if _COMPILED:
+        return
+    import tempfile
+
+    from filelock import FileLock
+
+    with FileLock(os.path.join(tempfile.gettempdir(), "singer-librosa-numba.lock")):
+        _COMPILED = True
+        t = np.arange(16000 * 2) / 16000.0
+        clicks = (np.sin(2 * np.pi * 220 * t) * (np.mod(t, 0.5) < 0.05)).astype(np.float32)
+        music_beats(clicks, 16000, 25.0)
 
 
 def kinetic_velocity(landmarks: np.ndarray, sigma: float = SIGMA_FRAMES) -> np.ndarray:
