@@ -194,6 +194,12 @@ def figure(work: Path, seed: int, out: Path) -> Path | None:
         return None
     a = pd.read_csv(own)
     clip = a["clip_id"].iloc[0]
+    per_clip = run / "eval-none/per_clip.parquet"
+    if per_clip.exists():  # the clip with the median r: representative, neither the best nor the worst
+        r = pd.read_parquet(per_clip)[["clip_id", "mouth_correlation"]].dropna().sort_values("mouth_correlation")
+        if len(r):
+            clip = r["clip_id"].iloc[(len(r) - 1) // 2]
+            title_r = float(r["mouth_correlation"].iloc[(len(r) - 1) // 2])
     a = a[a["clip_id"] == clip]
     fig = Figure(figsize=(7, 3))
     ax = fig.add_subplot(1, 1, 1)
@@ -205,7 +211,8 @@ def figure(work: Path, seed: int, out: Path) -> Path | None:
         ax.plot(b["frame"], b["generated"], label="generated (shuffled audio)", color="#dd8452", alpha=0.8)
     ax.set_xlabel("frame (25 fps)")
     ax.set_ylabel("mouth opening")
-    ax.set_title(f"held-out clip {clip}, seed {seed}")
+    label = f" (the median clip, r = {title_r:.2f})" if "title_r" in locals() else ""
+    ax.set_title(f"held-out clip {clip}, seed {seed}{label}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
