@@ -131,7 +131,8 @@ def test_dvc_repro_ablate_trains_evaluates_and_reports(tiny_project, tmp_path):
     params["train"].update({"steps": 2, "batch_size": 1, "checkpoint_every": 2, "validate_every": 0})
     params["evaluate"].update({"max_clips": 1, "inference_steps": 2, "identity_max_frames": 2, "cpbd_every": 10,
                                "num_workers": 0})
-    params["ablate"].update({"variants": ["full", "no_both"], "seeds": [0], "sample_videos": 0})
+    params["ablate"].update({"variants": ["full", "no_both"], "seeds": [0], "sample_videos": 0, "steps": 2,
+                             "max_clips": 1, "inference_steps": 2})
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["git", "init", "-q"], repo)
     _run(["dvc", "init", "-q"], repo)
