@@ -213,6 +213,8 @@ class ReleaseConfig(Section):
     # metric -> largest allowed regression against the champion (in the metric's own units; direction known)
     gate: dict[str, float] = {"lmd": 0.0, "mouth_correlation": 0.0, "ssim": 0.01}
     require_metrics: list[str] = ["lmd", "mouth_correlation"]
+    # metric -> worst value released at all (minimum, or maximum for lower-is-better), the first release too
+    floor: dict[str, float] = {}
 
 
 class AblateConfig(Section):

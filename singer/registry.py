@@ -286,14 +286,18 @@ def _alias_version(client, name: str, alias: str):
 
 
 def gate_check(challenger: dict[str, float | None], champion: dict[str, float | None] | None,
-               gate: dict[str, float], require: list[str]) -> list[dict]:
-    """One row per checked metric: metric, challenger, champion, allowed, direction, ok, reason."""
+               gate: dict[str, float], require: list[str], floor: dict[str, float] | None = None) -> list[dict]:
+    """One row per checked metric: metric, challenger, champion, allowed, direction, ok, reason.
+
+    gate: largest regression against the champion; floor: the worst value accepted at all (a minimum for
+    higher-is-better metrics, a maximum for lower-is-better ones), which also holds for the first release."""
     rows: list[dict] = []
     required = [metric_key(m) for m in require]
     gate = {metric_key(k): float(v) for k, v in gate.items()}
-    for metric in dict.fromkeys([*required, *gate]):
+    floor = {metric_key(k): float(v) for k, v in (floor or {}).items()}
+    for metric in dict.fromkeys([*required, *gate, *floor]):
         direction = DIRECTIONS.get(metric)
-        if metric in gate and direction is None:
+        if (metric in gate or metric in floor) and direction is None:
             raise RegistryError(f"release gate names {metric!r}, whose direction is unknown "
                                 f"(known: {', '.join(sorted(DIRECTIONS))})")
         new = challenger.get(metric)
@@ -316,6 +320,11 @@ def gate_check(challenger: dict[str, float | None], champion: dict[str, float | 
                                             f"({better} is better)")
         elif metric in gate:
             row["reason"] = "no champion value" if champion is not None else "no champion"
+        if new is not None and metric in floor and row["ok"]:
+            limit = floor[metric]
+            if (new > limit + 1e-12) if direction == "lower" else (new < limit - 1e-12):
+                row.update(ok=False, reason=f"{'above the ceiling' if direction == 'lower' else 'below the floor'} "
+                                            f"{limit:g}")
         rows.append(row)
     return rows
 
@@ -342,7 +351,7 @@ def release(cfg: Config) -> dict:
                    message=f"{name} version {challenger.version} is already {CHAMPION}")
         return out
     checks = gate_check(version_metrics(challenger), None if champion is None else version_metrics(champion),
-                        cfg.release.gate, cfg.release.require_metrics)
+                        cfg.release.gate, cfg.release.require_metrics, cfg.release.floor)
     failures = [c for c in checks if not c["ok"]]
     out.update(checks=checks, failures=failures, passed=not failures)
     if failures:

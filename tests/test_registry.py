@@ -206,3 +206,14 @@ def test_mlflow_models_serve_answers_with_a_video(store, model_dir, tmp_path):
             os.killpg(proc.pid, 9)
             proc.wait()
         log.close()
+
+
+def test_floors_hold_for_the_first_release_too():
+    floor = {"mouth_correlation": 0.3, "lmd": 2.0}
+    rows = {r["metric"]: r for r in gate_check({"mouth_correlation": -0.45, "lmd": 1.5}, None, {}, [], floor)}
+    assert not rows["mouth_correlation"]["ok"] and "below the floor 0.3" in rows["mouth_correlation"]["reason"]
+    assert rows["lmd"]["ok"]
+    rows = {r["metric"]: r for r in gate_check({"mouth_correlation": 0.8, "lmd": 2.5}, None, {}, [], floor)}
+    assert rows["mouth_correlation"]["ok"] and not rows["lmd"]["ok"] and "ceiling" in rows["lmd"]["reason"]
+    with pytest.raises(RegistryError, match="direction is unknown"):
+        gate_check({}, None, {}, [], {"weird": 1.0})
