@@ -555,3 +555,14 @@ def ensure_concurrency_limit(name: str = DVC_CONCURRENCY_LIMIT, limit: int = 1) 
             return "created"
     except Exception as exc:  # a server that refuses (permissions) must not stop the pipeline
         return f"unavailable: {type(exc).__name__}: {exc}"
+
+
+def parse_set_options(parser, items: list[str]) -> dict[str, str] | None:
+    """`--set KEY=VALUE` options (the CLIs of both flows) -> {key: value}, None when there are none."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key.strip()] = value
+    return overrides or None

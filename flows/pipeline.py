@@ -47,6 +47,7 @@ from flows.common import (
     dvc_repo_slot,
     dvc_stage_names,
     ensure_concurrency_limit,
+    parse_set_options,
     resolve_repo,
     retry_if_transient,
     run_command,
@@ -364,13 +365,8 @@ def _parse_args(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--retries", type=int, default=DEFAULT_RETRIES)
     parser.add_argument("--retry-delay-seconds", type=float, default=DEFAULT_RETRY_DELAY_S)
     args = parser.parse_args(argv)
-    overrides = {}
-    for item in args.overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set {item!r}: expected KEY=VALUE")
-        overrides[key.strip()] = value
-    return {"stages": args.stages, "overrides": overrides or None, "target": args.target,
+    overrides = parse_set_options(parser, args.overrides)
+    return {"stages": args.stages, "overrides": overrides, "target": args.target,
             "repo_dir": args.repo_dir, "retries": args.retries, "retry_delay_seconds": args.retry_delay_seconds}
 
 

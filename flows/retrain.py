@@ -51,6 +51,7 @@ from flows.common import (
     dvc_stage_names,
     ensure_concurrency_limit,
     exception_is_transient,
+    parse_set_options,
     resolve_repo,
     retry_if_transient,
     run_command,
@@ -358,13 +359,8 @@ def _parse_args(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--s3-retries", type=int, default=DEFAULT_S3_RETRIES)
     parser.add_argument("--s3-retry-delay-seconds", type=float, default=DEFAULT_S3_RETRY_DELAY_S)
     args = parser.parse_args(argv)
-    overrides = {}
-    for item in args.overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--set {item!r}: expected KEY=VALUE")
-        overrides[key.strip()] = value
-    return {"source": args.source, "stages": args.stages, "overrides": overrides or None, "target": args.target,
+    overrides = parse_set_options(parser, args.overrides)
+    return {"source": args.source, "stages": args.stages, "overrides": overrides, "target": args.target,
             "repo_dir": args.repo_dir, "s3_retries": args.s3_retries,
             "s3_retry_delay_seconds": args.s3_retry_delay_seconds}
 
