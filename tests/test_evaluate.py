@@ -210,3 +210,21 @@ def test_audio_controls_drive_generation_with_other_or_no_audio(eval_project):
     assert not silent._driving_audio(clips[0], own).any()
     plain = ClipEvaluator(_config(["evaluate.metrics=[ssim]"]))
     np.testing.assert_array_equal(plain._driving_audio(clips[0], own), own)
+
+
+def test_single_local_clip_runs_in_process(eval_project, monkeypatch):
+    """One clip and no RAY_ADDRESS: no Ray cluster is started for it (the demo's ablation scores one clip)."""
+    import singer.evaluate.runner as runner
+
+    def no_ray(_workers):
+        raise AssertionError("Ray started for a single local clip")
+
+    monkeypatch.setattr(runner, "_init_ray", no_ray)
+    cfg = _config(["evaluate.num_workers=2", "evaluate.metrics=[ssim,psnr]"])
+    clips = runner.test_clips(cfg)[:1]
+    rows = runner.run_clips(cfg, clips, progress=False)
+    assert [r["clip_id"] for r in rows] == [clips[0]["clip_id"]] and rows[0]["results"]["ssim"]["status"] == "ok"
+    # with RAY_ADDRESS set the clip goes to the cluster, whatever its count
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    with pytest.raises(AssertionError, match="Ray started"):
+        runner.run_clips(cfg, clips, progress=False)

@@ -5,8 +5,8 @@
 
 Flow: the test clips (`data/split/test.txt`, at most `evaluate.max_clips`) are tasks. A `ClipEvaluator`
 holds the heavy networks (the pipeline, the dlib face embedders, SyncNet and I3D when their weights are
-configured) and turns one clip into a row of metrics; with `evaluate.num_workers` = 0 one evaluator runs
-them in-process, else a pool of that many Ray actors does (`ray.init()` locally, `address="auto"` when
+configured) and turns one clip into a row of metrics; with `evaluate.num_workers` = 0 (or a single clip
+and no `RAY_ADDRESS`) one evaluator runs them in-process, else a pool of that many Ray actors does (`ray.init()` locally, `address="auto"` when
 `RAY_ADDRESS` is set, or the Ray session already initialised by the caller). Each clip is generated with
 ``torch.Generator().manual_seed(seed + clip index)`` and evaluated single-threaded in torch, so serial and
 parallel runs give the same numbers. Set-level metrics (FVD) are computed after the fan-out from the
@@ -263,13 +263,17 @@ def _progress(total: int, enabled: bool):
 
 def run_clips(cfg: Config, clips: list[dict], keep: set[int] | None = None, progress: bool = True,
               threads: int | None = 1) -> list[dict]:
-    """Evaluate the clips serially (`num_workers` 0) or on a pool of Ray actors; rows in clip order."""
+    """Evaluate the clips serially (`num_workers` 0, or a single clip without `RAY_ADDRESS`) or on a pool of
+    Ray actors; rows in clip order."""
     keep = keep or set()
     workers = int(cfg.evaluate.num_workers)
     rows: list[dict] = []
     bar = _progress(len(clips), progress)
+    # one clip on a local machine: starting Ray and an actor costs more than it could save (the demo's
+    # ablation scores one clip per variant); on a cluster (RAY_ADDRESS) the work still goes to the workers
+    in_process = workers <= 0 or not clips or (len(clips) == 1 and not os.environ.get("RAY_ADDRESS"))
     try:
-        if workers <= 0 or not clips:
+        if in_process:
             evaluator = ClipEvaluator(cfg, threads=threads)
             for clip in clips:
                 rows.append(evaluator.evaluate(clip, keep_frames=clip["index"] in keep))
