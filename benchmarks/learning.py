@@ -2,7 +2,7 @@
 follows the song: the project's own commands end to end, with audio controls, over several seeds.
 
     python benchmarks/learning.py                       # seeds 0 1 2, variant full (about 1 h on 2 cores)
-    python benchmarks/learning.py --seeds 0 --variants full no_msm no_sfm no_both
+    python benchmarks/learning.py --seeds 0 --variants full no_msm no_sfm no_both --controls none
     python benchmarks/learning.py --report-only         # the table again from what is on disk
 
 What it runs, in `benchmarks/results/learning/` (a project folder of its own):
@@ -101,13 +101,13 @@ def eval_json(run_dir: Path, variant: str, control: str) -> Path:
     return run_dir / f"metrics-{control}" / name
 
 
-def train_and_evaluate(work: Path, variant: str, seed: int, log: Path) -> dict:
+def train_and_evaluate(work: Path, variant: str, seed: int, log: Path, controls: list[str]) -> dict:
     run_dir = Path("runs") / f"{variant}-s{seed}"
     timings = {}
     train_json = work / run_dir / "metrics" / ("train.json" if variant == "full" else f"{variant}-train.json")
     if not train_json.exists():
         timings["train"] = singer(["train", *run_overrides(run_dir, variant, seed)], work, log)
-    for control in CONTROLS:
+    for control in controls:
         if not (work / eval_json(run_dir, variant, control)).exists():
             timings[f"evaluate_{control}"] = singer(["evaluate", "--no-progress",
                                                      *eval_overrides(run_dir, variant, seed, control)], work, log)
@@ -148,10 +148,10 @@ def spread(values: list[float]) -> dict:
     return {"mean": mean, "std": std, "n": len(values), "values": values}
 
 
-def collect(work: Path, variants: list[str], seeds: list[int]) -> dict:
+def collect(work: Path, variants: list[str], seeds: list[int], controls: list[str]) -> dict:
     table = {}
     for variant in variants:
-        for control in CONTROLS:
+        for control in controls:
             per_seed = []
             for seed in seeds:
                 path = work / eval_json(Path("runs") / f"{variant}-s{seed}", variant, control)
@@ -226,6 +226,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=HERE / "results" / "learning")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=["full"])
+    parser.add_argument("--controls", nargs="+", choices=CONTROLS, default=CONTROLS,
+                        help="audio driving each model; the ablation needs only `none` (a third of the time)")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--figure", type=Path, default=HERE / "figures" / "learning.png")
     args = parser.parse_args()
@@ -243,11 +245,11 @@ def main() -> None:
         data = prepare_data(work, params, log)
         for variant in args.variants:
             for seed in args.seeds:
-                timings[f"{variant}-s{seed}"] = train_and_evaluate(work, variant, seed, log)
+                timings[f"{variant}-s{seed}"] = train_and_evaluate(work, variant, seed, log, args.controls)
                 print(f"{variant} seed {seed}: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings[f"{variant}-s{seed}"].items()),
                       flush=True)
 
-    table = collect(work, args.variants, args.seeds)
+    table = collect(work, args.variants, args.seeds, args.controls)
     gt_identity = truth_identity(work)
     passed = targets(table, gt_identity)
     fig = figure(work, args.seeds[0], args.figure)
@@ -261,8 +263,10 @@ def main() -> None:
     train_s = [t.get("train") for t in timings.values() if t.get("train")]
     if train_s:
         rows.append(("training wall time per run", f"{sum(train_s) / len(train_s):.0f} s"))
-    report("learning", rows, {"table": table, "ground_truth_identity": gt_identity, "targets": passed,
+    name = "learning" if args.variants == ["full"] else "learning-ablation"  # the seeds' table stays
+    report(name, rows, {"table": table, "ground_truth_identity": gt_identity, "targets": passed,
                               "timings": timings, "data": data, "seeds": args.seeds, "variants": args.variants,
+                              "controls": args.controls,
                               "params": yaml.safe_load(args.params.read_text()), "figure": str(fig) if fig else None})
 
 
