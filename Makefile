@@ -31,6 +31,8 @@ $(STAMP): pyproject.toml
 		|| $(PY) -m pip install -q torch==2.13.0 2> >(grep -v "$(PIP_NOISE)" >&2)
 	$(PY) -m pip install -q -e '.[dev,cluster]' 2> >(grep -v "$(PIP_NOISE)" >&2)
 	$(PY) -c "import torch, singer; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	@# compile librosa's numba beat tracker (BAS) into its on-disk cache now, once (~30 s), not in the first evaluation
+	$(PY) -c "from singer.evaluate.metrics.bas import warm_up; warm_up()"
 	@touch $(STAMP)
 
 test: install
