@@ -119,7 +119,9 @@ def test_pull_recovers_when_s3_comes_back(repo, incoming, s3_server, prefect_api
     # the flow in a thread, the restart from this one: the server is started with PR_SET_PDEATHSIG, which
     # fires when the *thread* that started it ends, so a short-lived restart thread would take it down again
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        running = pool.submit(pull_only, incoming, str(repo), retries=6, delay=0.5, return_state=True)
+        # 8 retries wait up to 0.5 + 1 + ... + 64 s: a restarted SeaweedFS answers InternalError until its
+        # volume server has registered again, which took over 30 s on 2 cores shared with 3 other jobs
+        running = pool.submit(pull_only, incoming, str(repo), retries=8, delay=0.5, return_state=True)
         try:
             time.sleep(4.0)  # back a few seconds into the pull's retries
         finally:
