@@ -6,8 +6,9 @@
 Flow: the test clips (`data/split/test.txt`, at most `evaluate.max_clips`) are tasks. A `ClipEvaluator`
 holds the heavy networks (the pipeline, the dlib face embedders, SyncNet and I3D when their weights are
 configured) and turns one clip into a row of metrics; with `evaluate.num_workers` = 0 (or a single clip
-and no `RAY_ADDRESS`) one evaluator runs them in-process, else a pool of that many Ray actors does (`ray.init()` locally, `address="auto"` when
-`RAY_ADDRESS` is set, or the Ray session already initialised by the caller). Each clip is generated with
+and no `RAY_ADDRESS`) one evaluator runs them in-process, else a pool of that many Ray actors does
+(`ray.init()` locally, `address="auto"` when `RAY_ADDRESS` is set, or the Ray session already initialised
+by the caller). Each clip is generated with
 ``torch.Generator().manual_seed(seed + clip index)`` and evaluated single-threaded in torch, so serial and
 parallel runs give the same numbers. Set-level metrics (FVD) are computed after the fan-out from the
 per-clip I3D features. `singer.evaluate.report` writes the outputs.
