@@ -26,3 +26,43 @@ def test_gpu_benchmark_code_path_on_cpu(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     result = json.loads(out.read_text())
     assert result["train_step_seconds"] > 0 and result["generation_seconds_per_frame"] > 0
+
+
+def _learning_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("learning_benchmark", ROOT / "benchmarks/learning.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_learning_report_aggregates_over_seeds_from_the_runs_on_disk(tmp_path):
+    learning = _learning_module()
+
+    def run(variant, seed, mouth_r, identity, seconds):
+        run_dir = Path("runs") / f"{variant}-s{seed}"
+        evaluation = tmp_path / learning.eval_json(run_dir, variant, "none")
+        evaluation.parent.mkdir(parents=True)
+        evaluation.write_text(json.dumps({"mouth_correlation": mouth_r, "identity": identity, "n_clips": 10,
+                                          "unavailable": {"fvd": "no I3D weights"}}))
+        trained = tmp_path / learning.train_json(run_dir, variant)
+        trained.parent.mkdir(parents=True)
+        trained.write_text(json.dumps({"seconds": seconds}))
+
+    run("full", 0, 0.8, 0.90, 100.0)
+    run("full", 1, 0.6, 0.92, 200.0)
+    run("no_msm", 0, 0.5, 0.91, 150.0)  # seed 1 of no_msm never ran: its cells hold one value
+
+    table = learning.collect(tmp_path, ["full", "no_msm"], [0, 1], ["none"])
+    full, no_msm = table["full/none"], table["no_msm/none"]
+    assert full["mouth_correlation"]["mean"] == pytest.approx(0.7)
+    assert full["mouth_correlation"]["std"] == pytest.approx(0.02 ** 0.5)  # sample std over seeds
+    assert full["train_seconds"]["mean"] == pytest.approx(150.0) and full["train_seconds"]["n"] == 2
+    assert full["ssim"]["n"] == 0 and learning.fmt(full["ssim"]) == "n/a"
+    assert full["unavailable"] == {}  # only the benchmark's metrics are carried
+    assert no_msm["mouth_correlation"] == {"mean": 0.5, "std": None, "n": 1, "values": [0.5]}
+
+    # identity 0.91 against ground truth 0.987 - 0.1; there is no shuffled run, so no shuffled target
+    assert learning.targets(table, 0.987) == {"mouth_r >= 0.6": True, "identity >= 0.887": True}
+    assert learning.targets(table, 1.2) == {"mouth_r >= 0.6": True, "identity >= 1.100": False}
