@@ -1,0 +1,190 @@
+"""requirements.lock, the locked install (`make lock` writes it, `make install` installs it).
+
+- What is installed is the lock: every locked package at its locked version (importlib.metadata), and
+  nothing else but torch (installed first, outside the lock), its own dependencies, pip and the project.
+- The lock covers pyproject.toml: every dependency of every extra, and the build backend, pinned inside its
+  range (a pyproject.toml edited without `make lock` fails here).
+- The lock is portable: hashes for every package, no torch and no CUDA runtime, no machine's paths.
+- Every file that names a version of the stack (the flows' Prefect, the Kubernetes worker's image, the
+  project and MLflow images) names the lock's, not whatever happens to be installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sysconfig
+import textwrap
+import tomllib
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCK = ROOT / "requirements.lock"
+REINSTALL = "rm -rf .venv && make install"
+
+
+def _lockfile_module():
+    spec = importlib.util.spec_from_file_location("lockfile", ROOT / "tools" / "lockfile.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+lockfile = _lockfile_module()
+PINS = lockfile.pins(LOCK)
+
+
+def _installed() -> dict[str, str]:
+    """{normalized name: version} of the distributions in this interpreter's own site-packages."""
+    paths = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    return {lockfile.normalize(d.metadata["Name"]): d.version for d in metadata.distributions(path=paths)}
+
+
+def _requirement_names(dist: str) -> set[str]:
+    """Names of what `dist` requires here (markers evaluated, extras not asked for left out)."""
+    names = set()
+    for line in metadata.requires(dist) or []:
+        req = Requirement(line)
+        if req.marker is None or req.marker.evaluate({"extra": ""}):
+            names.add(lockfile.normalize(req.name))
+    return names
+
+
+def _torch_closure(installed: dict[str, str]) -> set[str]:
+    """torch and what it pulls in that the lock does not name (the CUDA runtime wheels of a CUDA build)."""
+    seen, todo = set(), ["torch"]
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in installed:
+            continue
+        seen.add(name)
+        todo += [dep for dep in _requirement_names(name) if dep not in PINS]
+    return seen
+
+
+def test_installed_versions_are_the_locked_ones():
+    installed = _installed()
+    assert installed.get("torch", "").startswith("2.13.0"), "torch is installed first by the Makefile"
+    wrong = {name: f"installed {installed.get(name, 'nothing')}, locked {version}"
+             for name, version in PINS.items() if installed.get(name) != version}
+    assert not wrong, f"not what requirements.lock says ({REINSTALL}): {wrong}"
+    unlocked = set(installed) - set(PINS) - _torch_closure(installed) - {"singer", "pip"}
+    assert not unlocked, f"installed but not in requirements.lock ({REINSTALL}, or add them and make lock): {sorted(unlocked)}"
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _declared_requirements() -> list[str]:
+    project = _pyproject()
+    extras = project["project"]["optional-dependencies"]
+    return [*project["project"]["dependencies"], *(r for reqs in extras.values() for r in reqs),
+            *project["build-system"]["requires"]]
+
+
+def test_the_lock_covers_pyproject():
+    """Every requirement of pyproject.toml (all extras, and the build backend the editable install uses)
+    is pinned inside its range; torch alone is left to the Makefile."""
+    missing, outside = [], []
+    for line in _declared_requirements():
+        req = Requirement(line)
+        if req.name == "torch" or (req.marker is not None and not req.marker.evaluate({"extra": ""})):
+            continue
+        pinned = PINS.get(lockfile.normalize(req.name))
+        if pinned is None:
+            missing.append(req.name)
+        elif not req.specifier.contains(pinned, prereleases=True):
+            outside.append(f"{req.name} {pinned} not in {req.specifier}")
+    assert not missing and not outside, f"pyproject.toml changed without `make lock`: missing {missing}, {outside}"
+    extras = set(_pyproject()["project"]["optional-dependencies"])
+    compile_cmd = re.search(r"^\s*\$\(UV\) pip compile pyproject\.toml (.*)$", (ROOT / "Makefile").read_text(), re.M)
+    assert compile_cmd and set(re.findall(r"--extra (\S+)", compile_cmd.group(1))) == extras, (
+        "make lock must lock every extra that make install installs")
+
+
+def test_the_lock_is_portable():
+    text = LOCK.read_text()
+    assert text.startswith("# This file was autogenerated by uv") and "#    make lock\n" in text
+    assert "torch" not in PINS, "torch stays outside the lock: the Makefile installs the CPU wheel first"
+    cuda = sorted(n for n in PINS if n.startswith(("nvidia-", "cuda-")) or n == "triton")
+    assert not cuda, f"the CUDA runtime of PyPI's torch build is in the lock (make lock resolves against the CPU wheel): {cuda}"
+    options = re.findall(r"^\s*(-e|-f|--find-links|--index-url|--extra-index-url|-i)\b.*$", text, re.MULTILINE)
+    assert not options, f"no install options in the lock, they would be a machine's: {options}"
+    assert not re.search(r"file:|(?<![\w.])/(opt|tmp|home|root|work|usr)/", text), "a local path is in the lock"
+    unhashed = [name for name, lines in lockfile.blocks(LOCK).items()
+                if not any("--hash=sha256:" in line for line in lines)]
+    assert not unhashed, f"every locked package carries its hashes (--require-hashes): {unhashed}"
+    assert len(PINS) > 100, "the lock is the whole environment, not only the direct dependencies"
+
+
+def _dockerfile_arg(path: Path, name: str) -> str:
+    match = re.search(rf"^ARG {name}=(\S+)\s*$", path.read_text(), re.MULTILINE)
+    assert match, f"{path.relative_to(ROOT)} declares no ARG {name}=<version>"
+    return match.group(1)
+
+
+def _helm_prefect_tag() -> str:
+    values = yaml.safe_load((ROOT / "infra/prefect/worker-values.yaml").read_text())
+    tag = values["worker"]["image"]["prefectTag"]
+    assert re.fullmatch(r"[\d.]+-python3\.11-kubernetes", tag), tag
+    return tag.split("-python")[0]
+
+
+NAMED_VERSIONS = {
+    "flows/prefect.yaml prefect-version": ("prefect", lambda: str(
+        yaml.safe_load((ROOT / "flows/prefect.yaml").read_text())["prefect-version"])),
+    "infra/prefect/worker-values.yaml prefectTag": ("prefect", _helm_prefect_tag),
+    "infra/Dockerfile PREFECT_VERSION": ("prefect", lambda: _dockerfile_arg(ROOT / "infra/Dockerfile", "PREFECT_VERSION")),
+    "infra/Dockerfile RAY_VERSION": ("ray", lambda: _dockerfile_arg(ROOT / "infra/Dockerfile", "RAY_VERSION")),
+    "infra/mlflow/Dockerfile MLFLOW_VERSION": (
+        "mlflow", lambda: _dockerfile_arg(ROOT / "infra/mlflow/Dockerfile", "MLFLOW_VERSION")),
+}
+
+
+@pytest.mark.parametrize("where", sorted(NAMED_VERSIONS))
+def test_named_versions_agree_with_the_lock(where):
+    package, read = NAMED_VERSIONS[where]
+    assert read() == PINS[package], f"{where} names {read()}, requirements.lock pins {package} {PINS[package]}"
+
+
+def test_make_install_follows_the_lock():
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^\$\(STAMP\): \$\(LOCK\) pyproject\.toml$", makefile, re.MULTILINE), (
+        "a changed lock must reinstall")
+    assert "--no-deps --require-hashes -r $(LOCK)" in makefile, "the lock is installed as it is, hash-checked"
+    assert "uv" in PINS, "uv, which installs the lock, is locked too"
+
+
+# ------------------------------------------------------------------------------------ tools/lockfile.py
+
+SMALL_LOCK = textwrap.dedent("""\
+    # This file was autogenerated by uv via the following command:
+    #    make lock
+    Flask_Login==0.6.3 \\
+        --hash=sha256:aaaa
+        # via singer (pyproject.toml)
+    uv==0.13.9 \\
+        --hash=sha256:bbbb \\
+        --hash=sha256:cccc
+        # via singer (pyproject.toml)
+
+    # The following packages were excluded from the output:
+    # torch
+    """)
+
+
+def test_lockfile_reads_blocks_pins_and_diffs(tmp_path):
+    path = tmp_path / "requirements.lock"
+    path.write_text(SMALL_LOCK)
+    assert lockfile.pins(path) == {"flask-login": "0.6.3", "uv": "0.13.9"}
+    assert lockfile.blocks(path)["uv"] == ["uv==0.13.9 \\", "    --hash=sha256:bbbb \\", "    --hash=sha256:cccc",
+                                           "    # via singer (pyproject.toml)"]
+    assert "torch" not in lockfile.blocks(path)["uv"][-1], "a trailing comment is not part of the last entry"
+    assert lockfile.diff({"a": "1", "b": "2", "c": "3"}, {"a": "1", "b": "2.1", "d": "4"}) == [
+        "~ b 2 -> 2.1", "- c 3", "+ d 4"]
