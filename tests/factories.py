@@ -15,6 +15,10 @@ import numpy as np
 
 from singer.media import write_video
 
+# Key/shape manifests of the released Hallo / SINGER / SD-1.5 / wav2vec2 checkpoints (their README says how they
+# were made): a copy of shared/reference/checkpoints inside the repository, so the tests that use them run anywhere.
+CHECKPOINT_MANIFESTS = Path(__file__).resolve().parent / "data" / "checkpoints"
+
 
 def tone(seconds: float, sample_rate: int = 16000, freq: float = 220.0) -> np.ndarray:
     t = np.arange(int(seconds * sample_rate)) / sample_rate

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from factories import CHECKPOINT_MANIFESTS
 
 from singer.config import load_config
 from singer.models.audio import (
@@ -19,7 +20,7 @@ from singer.models.audio import (
     window_frames,
 )
 
-MANIFESTS = Path("/work/shared/reference/checkpoints")
+MANIFESTS = CHECKPOINT_MANIFESTS
 SR = 16000
 
 

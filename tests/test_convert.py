@@ -1,14 +1,13 @@
 """Checkpoint conversion (singer/models/convert.py) against the key/shape manifests of the released Hallo and SINGER
-files (/work/shared/reference/checkpoints, see its README), and end to end on small random state dicts."""
+files (tests/data/checkpoints, a copy of shared/reference/checkpoints; see its README), and end to end on small random state dicts."""
 
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
+from factories import CHECKPOINT_MANIFESTS
 from torch import nn
 
 from singer.config import load_config
@@ -25,10 +24,7 @@ from singer.models.convert import (
 )
 from singer.models.unet import DenoisingUNet3D, FaceLocator, ReferenceUNet2D
 
-MANIFESTS = Path(os.environ.get("SINGER_CHECKPOINT_MANIFESTS", "/work/shared/reference/checkpoints"))
-if not MANIFESTS.is_dir():  # the repository's own copy, when there is one
-    MANIFESTS = Path(__file__).resolve().parents[1] / "shared" / "reference" / "checkpoints"
-pytestmark = pytest.mark.skipif(not MANIFESTS.is_dir(), reason=f"no checkpoint manifests at {MANIFESTS}")
+MANIFESTS = CHECKPOINT_MANIFESTS
 
 # Hallo's and SINGER's numbers (README of the manifests)
 HALLO_DENOISING_ELEMENTS = 1_526_736_644  # 1946 keys, incl. 42 pe buffers

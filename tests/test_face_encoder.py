@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from factories import CHECKPOINT_MANIFESTS
 from skimage import data
 
 from singer.config import load_config
@@ -30,7 +31,7 @@ from singer.models.reference import (
     prepare_reference,
 )
 
-MANIFESTS = Path("/work/shared/reference/checkpoints")
+MANIFESTS = CHECKPOINT_MANIFESTS
 
 
 @pytest.fixture(scope="module")
