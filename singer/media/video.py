@@ -172,10 +172,12 @@ def write_video(
             vstream = container.add_stream("libx264", rate=rate)
             vstream.width, vstream.height = frames.shape[2], frames.shape[1]
             vstream.pix_fmt = "yuv420p"
-            vstream.options = {"crf": str(crf), "preset": "veryfast"}
-            # one encoder thread: with frame threads x264's choices depended on timing under load (a fresh
-            # clone re-encoded 3 frames of 2 crops differently), and DVC then sees changed outputs
-            vstream.codec_context.thread_count = 1
+            # The same frames must give the same bytes, or DVC sees changed outputs. Measured (PyAV 18, libx264):
+            # `codec_context.thread_count = 1` did not hold (every other encode differed, up to 34 levels in
+            # 3-50 frames); the x264 option threads=1 did, except that with macroblock-tree rate control the first
+            # encode in a process still differed from the later ones. One thread (x264's output also depends on
+            # the thread count, i.e. on the machine) and no mbtree: 5 processes x 3 encodes, one result.
+            vstream.options = {"crf": str(crf), "preset": "veryfast", "threads": "1", "x264-params": "no-mbtree=1"}
             astream = None
             if audio is not None:
                 astream = container.add_stream("aac", rate=int(sample_rate))
