@@ -30,8 +30,7 @@ def main() -> dict:
     from skimage import data
 
     from singer.config import load_config
-    from singer.models.face import DlibFaceEmbedder
-    from singer.models.reference import prepare_reference
+    from singer.faces import DlibFaceEmbedder, prepare_reference
     from singer.models.singer import SingerModel
     from singer.pipeline import SingerPipeline
 

@@ -40,22 +40,18 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
+from flows.commands import CommandFailed, run_command, stage_env, tool
 from flows.common import (
     STAGES,
-    CommandFailed,
-    apply_overrides,
     dvc_repo_slot,
     dvc_stage_names,
     ensure_concurrency_limit,
-    parse_set_options,
     resolve_repo,
-    retry_if_transient,
-    run_command,
     select_stages,
-    stage_env,
     target_overrides,
-    tool,
 )
+from flows.faults import retry_if_transient
+from flows.overrides import apply_overrides, parse_set_options
 
 RUNNING_STAGE = re.compile(r"Running stage '([^']+)'")
 RESTORED_STAGE = re.compile(r"Stage '([^']+)' is cached - skipping run")  # DVC's run cache had the outputs

@@ -42,24 +42,19 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
+from flows.commands import CommandFailed, CommandResult, run_command, stage_env, tool
 from flows.common import (
     STAGES,
-    CommandFailed,
-    CommandResult,
     FlowInputError,
     dvc_repo_slot,
     dvc_stage_names,
     ensure_concurrency_limit,
-    exception_is_transient,
-    parse_set_options,
     resolve_repo,
-    retry_if_transient,
-    run_command,
     select_stages,
-    stage_env,
     target_overrides,
-    tool,
 )
+from flows.faults import exception_is_transient, retry_if_transient
+from flows.overrides import parse_set_options
 from flows.pipeline import OverrideValue, pipeline
 
 LEDGER = Path("data/retrain-ledger.json")

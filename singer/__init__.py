@@ -8,9 +8,9 @@ must stay cheap (no torch import until a model class is asked for).
 __version__ = "0.1.0"
 
 _LAZY = {
-    "DenoisingUNet3D": "singer.models.unet",
-    "ReferenceUNet2D": "singer.models.unet",
-    "FaceLocator": "singer.models.unet",
+    "DenoisingUNet3D": "singer.models.unet_denoising",
+    "ReferenceUNet2D": "singer.models.unet_reference",
+    "FaceLocator": "singer.models.face_locator",
     "AudioEncoder": "singer.models.audio",
     "FaceEncoder": "singer.models.face",
     "PixelShuffleAutoencoder": "singer.models.autoencoder",

@@ -210,35 +210,20 @@ def ablate(
     progress: bool = typer.Option(True, help="show progress bars"),
 ) -> None:
     """Train and evaluate full / no_msm / no_sfm / no_both with one budget; metrics/ablation.json + Table 3."""
-    from singer.ablate import (
-        AblationError,
-        AblationRun,
-        planned_runs,
-        run_all,
-        run_is_current,
-        run_one,
-        write_report,
-    )
+    from singer.ablation import AblationError, markdown_table, run_all, run_single, write_report
 
     try:
         cfg = _load(params, preset, set_)
-        planned = planned_runs(cfg)
         if report_only:
             result = write_report(cfg)
         elif variant is not None or seed is not None:
-            one = AblationRun(variant or "full", int(seed if seed is not None else cfg.ablate.seeds[0]))
-            if one not in planned:
-                _fail(f"ablate: {one.name} is not in ablate.variants x ablate.seeds "
-                      f"({', '.join(r.name for r in planned)})")
-            run_one(cfg, one, params, preset, set_, launch=launch, progress=progress)
-            result = write_report(cfg) if report and all(run_is_current(cfg, r) for r in planned) else None
+            result = run_single(cfg, variant, seed, params, preset, set_, launch=launch, progress=progress,
+                                report=report)
         else:
             result = run_all(cfg, params, preset, set_, launch=launch, progress=progress, report=report)
     except (AblationError, FileNotFoundError, ValueError) as exc:
         _fail(f"ablate: {exc}")
     if result is not None:
-        from singer.ablate import markdown_table
-
         typer.echo(markdown_table(result))
 
 
@@ -249,7 +234,7 @@ def register(
     params: Path = ParamsOpt,
 ) -> None:
     """Log the model as an MLflow pyfunc, register it, and give it the alias `challenger`."""
-    from singer.registry import RegistryError, register_model
+    from singer.release.registry import RegistryError, register_model
 
     cfg = _load(params, None, None)
     model_dir = model_dir or cfg.evaluate.model_dir
@@ -266,8 +251,8 @@ def register(
 @app.command()
 def release(params: Path = ParamsOpt) -> None:
     """Promote the challenger to champion if the release gate in params passes; say which metric failed."""
-    from singer.registry import RegistryError
-    from singer.registry import release as do_release
+    from singer.release.registry import RegistryError
+    from singer.release.registry import release as do_release
 
     try:
         result = do_release(_load(params, None, None))
@@ -324,7 +309,7 @@ def s3_up(
     params: Path = ParamsOpt,
 ) -> None:
     """Start SeaweedFS S3 on 127.0.0.1 (keys from AWS_* env, else generated) and create the bucket."""
-    from singer.s3server import S3ServerError, start_server
+    from singer.storage import S3ServerError, start_server
 
     cfg = _load(params, None, None)
     try:
@@ -344,22 +329,18 @@ def s3_env(data_dir: Path = typer.Option(Path(".s3"), help="the server's data fo
     """Print `export` lines for the server's endpoint and keys, for `eval "$(singer s3 env)"`."""
     import shlex
 
-    from singer.s3server import read_credentials, read_state
+    from singer.storage import client_env
 
-    state, creds = read_state(Path(data_dir).resolve()), read_credentials(Path(data_dir).resolve())
-    if not state:
+    lines = client_env(data_dir)
+    if lines is None:
         _fail(f"no S3 server state in {data_dir}; run `singer s3 up` first")
-    lines = {"SINGER_S3_ENDPOINT_URL": state["endpoint_url"], "AWS_ENDPOINT_URL_S3": state["endpoint_url"],
-             "MLFLOW_S3_ENDPOINT_URL": state["endpoint_url"], "AWS_DEFAULT_REGION": "us-east-1"}
-    if creds:
-        lines["AWS_ACCESS_KEY_ID"], lines["AWS_SECRET_ACCESS_KEY"] = creds
     print("\n".join(f"export {k}={shlex.quote(v)}" for k, v in lines.items()))
 
 
 @s3_app.command("down")
 def s3_down(data_dir: Path = typer.Option(Path(".s3"), help="the server's data folder")) -> None:
     """Stop the background S3 server."""
-    from singer.s3server import stop_server
+    from singer.storage import stop_server
 
     stopped = stop_server(data_dir)
     console.print("[green]s3[/]: stopped" if stopped else "s3: no server was running")
@@ -368,7 +349,7 @@ def s3_down(data_dir: Path = typer.Option(Path(".s3"), help="the server's data f
 @s3_app.command("status")
 def s3_status(data_dir: Path = typer.Option(Path(".s3"), help="the server's data folder")) -> None:
     """Say whether the background S3 server runs, and where."""
-    from singer.s3server import server_status
+    from singer.storage import server_status
 
     status = server_status(data_dir)
     console.print(json.dumps(status, indent=2, default=str), highlight=False)

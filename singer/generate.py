@@ -75,7 +75,7 @@ def resolve_model(model: str) -> Path:
 def generate_video(image: Path, audio: Path, output: Path, model: str = "models/full", steps: int | None = None,
                    guidance: float | None = None, seed: int = 0, progress: bool = True,
                    warn: Callable[[str], None] = print) -> dict:
-    from singer.models.reference import InputError, load_image, prepare_reference
+    from singer.faces import InputError, load_image, make_face_embedder, prepare_reference
 
     image, audio, output = Path(image), Path(audio), Path(output)
     check_writable(output)
@@ -91,7 +91,6 @@ def generate_video(image: Path, audio: Path, output: Path, model: str = "models/
     import torch
 
     from singer.media import write_video
-    from singer.models.face import make_face_embedder
     from singer.pipeline import SingerPipeline
 
     if not progress:

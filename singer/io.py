@@ -56,6 +56,15 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n")
 
 
+def write_png_atomic(path: str | os.PathLike, figure) -> Path:
+    """A matplotlib figure as a PNG (100 dpi, tight bounding box)."""
+    import io
+
+    buf = io.BytesIO()
+    figure.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return write_bytes_atomic(path, buf.getvalue())
+
+
 def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
     text = "".join(json.dumps(r, sort_keys=True, default=_jsonable) + "\n" for r in rows)
     return write_text_atomic(path, text)

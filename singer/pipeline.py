@@ -47,6 +47,21 @@ class SingerPipeline(DiffusionPipeline):
         self.register_to_config(settings=settings or {})
 
     @classmethod
+    def extract_init_dict(cls, config_dict, **kwargs):
+        """diffusers looks each component's class up in the module that ``model_index.json`` recorded at save
+        time (e.g. ``["singer.models.unet", "ReferenceUNet2D"]``). SINGER's classes are looked up by name in
+        ``singer`` (its lazy map) instead, so folders saved before a class moved to another module still load."""
+        import singer
+
+        init_dict, unused, hidden = super().extract_init_dict(config_dict, **kwargs)
+        for name, value in init_dict.items():
+            if isinstance(value, (list, tuple)) and len(value) == 2 and str(value[0]).split(".")[0] == "singer":
+                found = getattr(singer, str(value[1]), None)
+                if found is not None:
+                    init_dict[name] = [found.__module__, value[1]]
+        return init_dict, unused, hidden
+
+    @classmethod
     def from_model(cls, model: SingerModel, resolution: int) -> SingerPipeline:
         settings = {"model": model.cfg.model_dump(mode="json"), "resolution": int(resolution), "fps": model.fps}
         return cls(model.vae, model.reference_unet, model.denoising_unet, model.face_locator, model.face_encoder,
@@ -131,7 +146,8 @@ def _stack(a: Conditions, b: Conditions) -> Conditions:
     return Conditions(
         face_tokens=torch.cat([a.face_tokens, b.face_tokens]),
         audio_tokens=torch.cat([a.audio_tokens, b.audio_tokens]),
-        reference_states=[torch.cat([x, y]) for x, y in zip(a.reference_states, b.reference_states, strict=True)],
+        reference_states={name: torch.cat([a.reference_states[name], b.reference_states[name]])
+                          for name in a.reference_states},
         masks={k: torch.cat([a.masks[k], b.masks[k]]) for k in a.masks},
         face_features=torch.cat([a.face_features, b.face_features]),
     )

@@ -54,7 +54,7 @@ def quiet_env():
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A SeaweedFS S3 server for the session, stopped (and its /tmp sockets removed) at the end."""
-    from singer.s3server import S3Server
+    from singer.storage import S3Server
 
     server = S3Server(
         tmp_path_factory.mktemp("s3data"),

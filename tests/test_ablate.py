@@ -24,7 +24,7 @@ def _config(overrides=()):
 
 
 def test_plan_covers_variants_times_seeds_and_rejects_unknown():
-    from singer.ablate import planned_runs
+    from singer.ablation import planned_runs
 
     runs = planned_runs(_config(["ablate.seeds=[0,1]"]))
     assert [r.name for r in runs] == ["full-s0", "full-s1", "no_msm-s0", "no_msm-s1", "no_sfm-s0", "no_sfm-s1",
@@ -34,7 +34,7 @@ def test_plan_covers_variants_times_seeds_and_rejects_unknown():
 
 
 def test_run_overrides_give_every_variant_the_same_budget(tmp_path):
-    from singer.ablate import AblationRun, run_overrides
+    from singer.ablation import AblationRun, run_overrides
 
     cfg = _config(["ablate.steps=7", "ablate.max_clips=2"])
     a = dict(o.split("=", 1) for o in run_overrides(cfg, AblationRun("full", 0), tmp_path / "a"))
@@ -51,7 +51,7 @@ def test_run_overrides_give_every_variant_the_same_budget(tmp_path):
 
 def _fake_run(cfg, run, metrics: dict, unavailable: dict | None = None, loss: float = 0.3):
     """A finished run's folder as run_one leaves it (what the report reads)."""
-    from singer.ablate import RUN_FILE, ablation_key, run_dir
+    from singer.ablation import RUN_FILE, ablation_key, run_dir
 
     d = run_dir(cfg, run) / "metrics"
     d.mkdir(parents=True)
@@ -62,7 +62,7 @@ def _fake_run(cfg, run, metrics: dict, unavailable: dict | None = None, loss: fl
 
 
 def test_report_table_has_table3_shape_and_seed_spread(tmp_path, monkeypatch):
-    from singer.ablate import AblationRun, aggregate, markdown_table
+    from singer.ablation import AblationRun, aggregate, markdown_table
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -92,7 +92,7 @@ def test_report_table_has_table3_shape_and_seed_spread(tmp_path, monkeypatch):
 
 
 def test_report_refuses_missing_and_stale_runs(tmp_path, monkeypatch):
-    from singer.ablate import AblationError, AblationRun, aggregate
+    from singer.ablation import AblationError, AblationRun, aggregate
 
     monkeypatch.chdir(tmp_path)
     cfg = _config(["ablate.variants=[full]"])

@@ -129,8 +129,8 @@ def _launch(profile: str, out: Path, env: dict[str, str], *script_args: str) -> 
 
 def _parent_run(db: Path, tmp_path: Path) -> str:
     """The run a flow (or `singer train`) creates before launching the workers."""
-    from singer import tracking
     from singer.config import Config, TrackingConfig
+    from singer.release import tracking
 
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{db}"
     try:

@@ -22,7 +22,9 @@ from singer.models.convert import (
     skip_reason,
     split_component,
 )
-from singer.models.unet import DenoisingUNet3D, FaceLocator, ReferenceUNet2D
+from singer.models.face_locator import FaceLocator
+from singer.models.unet_denoising import DenoisingUNet3D
+from singer.models.unet_reference import ReferenceUNet2D
 
 MANIFESTS = CHECKPOINT_MANIFESTS
 

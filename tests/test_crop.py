@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 from factories import face_frames, tone
 
+from singer import faces as F
 from singer.config import load_config
 from singer.data import crop as C
-from singer.data import landmarks as L
 from singer.data.common import StageError
 from singer.media import probe, read_frames, write_video, write_wav
 
@@ -160,7 +160,7 @@ def test_landmarks_inside_crop_and_match_dlib_on_the_crop(batch, clip_id):
     frames, _ = read_frames(folder / "frames.mp4")
     errors = []
     for i in range(0, N, 6):
-        found = L.detect_landmarks(frames[i], (0, 1, 2, 3))
+        found = F.detect_landmarks(frames[i], (0, 1, 2, 3))
         assert found is not None, f"dlib finds no face in crop frame {i}"
         errors.append(np.abs(found[0] - lm[i]).mean())
     assert max(errors) < 1.5, errors  # pixels at 64^2
@@ -221,9 +221,9 @@ def test_crop_frame_and_to_crop_agree():
         frame[y - 1 : y + 2, x - 1 : x + 2] = 255
     for side, res in ((90.0, 64), (150.0, 64), (40.0, 64), (130.0, 128)):
         centre = np.array([140.0, 110.0]) + rng.uniform(-3, 3, 2)
-        crop = C.crop_frame(frame, centre, side, res)
+        crop = F.crop_frame(frame, centre, side, res)
         assert crop.shape == (res, res, 3)
-        expected = C.to_crop(points[None], centre[None], side, res)[0]
+        expected = F.to_crop(points[None], centre[None], side, res)[0]
         for (u, v) in expected:
             r = max(2, int(np.ceil(res / side * 3)))
             win = crop[int(v) - r : int(v) + r + 2, int(u) - r : int(u) + r + 2, 0].astype(float)
@@ -235,7 +235,7 @@ def test_crop_frame_and_to_crop_agree():
 def test_crop_outside_the_frame_replicates_edges():
     frame = np.zeros((100, 100, 3), np.uint8)
     frame[:, :50] = 200
-    crop = C.crop_frame(frame, np.array([10.0, 50.0]), 80.0, 32)
+    crop = F.crop_frame(frame, np.array([10.0, 50.0]), 80.0, 32)
     assert crop.shape == (32, 32, 3)
     assert (crop[:, :4] == 200).all()  # left of the frame: replicated column 0
 
@@ -251,7 +251,7 @@ def test_geometry_ignores_the_jaw_and_smooths():
     from skimage import data
 
     image = data.astronaut()
-    lm0, _, _ = L.detect_landmarks(image)
+    lm0, _, _ = F.detect_landmarks(image)
     t = 30
     lms = np.repeat(lm0[None].astype(np.float64), t, axis=0)
     lms[:, :, 0] += np.linspace(0, 6, t)[:, None]  # slow drift
@@ -261,12 +261,12 @@ def test_geometry_ignores_the_jaw_and_smooths():
     detected[7] = False
     lms[7] = np.nan
     cc = load_config().crop
-    geo = C.crop_geometry(lms.astype(np.float32), detected, cc)
+    geo = F.crop_geometry(lms.astype(np.float32), detected, cc)
     assert np.allclose(np.diff(geo.centres[:, 1]), 0, atol=1e-6)  # jaw motion does not move the crop
     assert np.all(np.diff(geo.centres[:, 0]) >= -1e-9)
     assert np.nanmax(geo.jumps) < 0.01
     assert np.isfinite(geo.jumps[6]) and np.isnan(geo.jumps[7])  # 6 -> 8 measured over the gap
-    assert abs(geo.side - np.median(C.face_size(lms[detected])) / cc.scale) < 1e-6
+    assert abs(geo.side - np.median(F.face_size(lms[detected])) / cc.scale) < 1e-6
 
 
 @pytest.mark.slow
@@ -302,7 +302,7 @@ def test_a_second_face_counts_by_size_not_by_count(second, counted):
         f[20 : 20 + second, 250 : 250 + second] = small
         frames.append(np.roll(f, i, axis=1))
     cc = load_config().crop.model_copy(update={"redetect_every": 3})  # ratio 0.6 vs 0.3 of the main face
-    track = C.track_faces(np.stack(frames), cc)
+    track = F.track_faces(np.stack(frames), cc)
     assert track.keyframes == [0, 3] and track.detected.all()
     reason = C._reject_reason(track, 6, cc)
     assert (reason is not None and reason.startswith("several faces")) == counted

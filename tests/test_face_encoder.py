@@ -13,23 +13,21 @@ from factories import CHECKPOINT_MANIFESTS
 from skimage import data
 
 from singer.config import load_config
-from singer.models.face import (
+from singer.faces import (
     ARCFACE_TEMPLATE,
     DlibFaceEmbedder,
-    FaceEncoder,
-    InsightFaceEmbedder,
-    five_points,
-    make_face_embedder,
-    similarity_transform,
-)
-from singer.models.reference import (
     InputError,
+    InsightFaceEmbedder,
     ManyFacesError,
     NoFaceError,
     find_face,
+    five_points,
     load_image,
+    make_face_embedder,
     prepare_reference,
+    similarity_transform,
 )
+from singer.models.face import FaceEncoder
 
 MANIFESTS = CHECKPOINT_MANIFESTS
 
@@ -253,7 +251,7 @@ def test_prepare_reference_on_the_astronaut(astronaut):
 def test_prepare_reference_matches_the_crop_stage_geometry(astronaut):
     """Same crop as crop_geometry / crop_frame / to_crop on a one-frame track."""
     from singer.config import CropConfig
-    from singer.data.crop import crop_frame, crop_geometry, to_crop
+    from singer.faces import crop_frame, crop_geometry, to_crop
 
     ref = prepare_reference(astronaut, 96, scale=0.7)
     src = ref["source_landmarks"].astype(np.float64)[None]

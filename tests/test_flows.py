@@ -1,4 +1,5 @@
-"""The `singer-pipeline` flow (flows/pipeline.py) and its helpers (flows/common.py).
+"""The `singer-pipeline` flow (flows/pipeline.py) and its helpers (flows/common.py, commands.py, faults.py,
+overrides.py).
 
 Fast: overrides written like `dvc exp run -S` (comments kept, unknown keys and bad values refused, params.yaml
 untouched then), the transient-fault classifier, stage-name and target validation, command capture.
@@ -24,20 +25,10 @@ import pytest
 import yaml
 from prefect_harness import artifacts, finished_task_runs
 
-from flows.common import (
-    STAGES,
-    CommandFailed,
-    CommandResult,
-    FlowInputError,
-    apply_overrides,
-    is_transient,
-    retry_if_transient,
-    run_command,
-    select_stages,
-    set_repo_dir,
-    stage_env,
-    target_overrides,
-)
+from flows.commands import CommandFailed, CommandResult, run_command, stage_env
+from flows.common import STAGES, FlowInputError, select_stages, set_repo_dir, target_overrides
+from flows.faults import is_transient, retry_if_transient
+from flows.overrides import apply_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -189,7 +189,7 @@ def _compose() -> dict:
 
 
 def _secret_like(name: str) -> bool:
-    from singer.tracking import SECRET_KEY_PATTERN
+    from singer.release.lineage import SECRET_KEY_PATTERN
 
     return bool(SECRET_KEY_PATTERN.search(name))
 
@@ -792,7 +792,8 @@ def test_compose_s3_command_serves_with_env_credentials(tmp_path):
     healthcheck's /healthz answers without credentials."""
     from botocore.exceptions import ClientError
 
-    from singer.s3server import _remove_sockets, free_ports, probe, weed_binary
+    from singer.storage import free_ports, probe, weed_binary
+    from singer.storage.server_state import _remove_sockets
 
     service = _compose()["services"]["s3"]
     assert service["entrypoint"] == ["weed"] and service["command"][0] == "server"

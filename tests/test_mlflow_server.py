@@ -4,7 +4,7 @@ docker-compose.yaml / values.yaml.
 
 - A run logged over HTTP (params, a metric, an artifact) lands in the bucket, although the client has no S3
   keys at all: the bytes went through the server (--serve-artifacts).
-- `singer.tracking.start_run` works against the server URI (the experiment takes the server's proxied
+- `singer.release.tracking.start_run` works against the server URI (the experiment takes the server's proxied
   artifact root; the checkpoint and params arrive).
 - MLflow 3's Host check: an API call with a Host header that --allowed-hosts does not list gets 403 while
   /health still answers 200 (why the infra files list the Service names).
@@ -158,8 +158,8 @@ def test_run_logged_over_http_lands_in_s3(mlflow_server, s3_server, tmp_path):
 def test_singer_start_run_against_the_server(mlflow_server, s3_server, tmp_path, monkeypatch):
     import mlflow
 
-    from singer import tracking
     from singer.config import Config, TrackingConfig
+    from singer.release import tracking
 
     url, bucket = mlflow_server
     monkeypatch.setenv("GIT_PYTHON_REFRESH", "quiet")

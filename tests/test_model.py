@@ -93,10 +93,29 @@ def test_twenty_steps_lower_the_loss(cfg):
     assert after < 0.92 * before, (before, after)  # measured: 0.873 -> 0.763
 
 
+def test_a_folder_naming_moved_modules_still_loads(cfg, tmp_path):
+    """model_index.json records each component's module at save time; SINGER's classes are found by name in
+    `singer`, so folders saved before a class moved (e.g. the old `singer.models.unet`, since split into one
+    module per model) still load."""
+    import json
+
+    model = build(cfg)
+    SingerPipeline.from_model(model, cfg.crop.resolution).save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    for name in ("reference_unet", "denoising_unet", "face_locator"):
+        index[name][0] = "singer.models.unet"  # where these classes lived before
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    pipe = SingerPipeline.from_pretrained(tmp_path)
+    for name in ("reference_unet", "denoising_unet", "face_locator"):
+        mine, loaded = getattr(model, name).state_dict(), getattr(pipe, name).state_dict()
+        assert type(getattr(pipe, name)) is type(getattr(model, name))
+        assert mine.keys() == loaded.keys() and all(torch.equal(mine[k], loaded[k]) for k in mine)
+
+
 def test_msm_runs_once_per_denoising_step(cfg):
     from skimage import data
 
-    from singer.models.reference import prepare_reference
+    from singer.faces import prepare_reference
 
     model = build(cfg)
     pipe = SingerPipeline.from_model(model, cfg.crop.resolution)
@@ -123,7 +142,7 @@ def test_sampler_with_an_oracle_denoiser_reproduces_the_target(cfg, monkeypatch,
     guidance, windows, decoding) must return that video: this isolates sampling bugs from learning."""
     from skimage import data
 
-    from singer.models.reference import prepare_reference
+    from singer.faces import prepare_reference
 
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"prediction_type": prediction})})
     model = build(cfg)

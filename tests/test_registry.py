@@ -24,7 +24,7 @@ from skimage import data
 
 from singer.config import load_config
 from singer.media import probe
-from singer.registry import (
+from singer.release.registry import (
     CHALLENGER,
     CHAMPION,
     PREVIOUS_CHAMPION,
@@ -147,7 +147,7 @@ def test_register_release_and_load_champion(store, model_dir, tmp_path):
 
     # self-contained: the singer package travels with the model (code_paths), the pipeline as an artifact
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@{CHAMPION}", dst_path=str(tmp_path / "dl")))
-    assert (local / "code" / "singer" / "registry.py").is_file()
+    assert (local / "code" / "singer" / "release" / "registry.py").is_file()
     assert list((local / "artifacts").rglob("model_index.json"))
 
     model = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}")

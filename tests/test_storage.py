@@ -1,4 +1,5 @@
-"""singer.storage and singer.s3server against a real SeaweedFS server (the `s3_server` fixture)."""
+"""singer.storage (the S3 client, transfers and the local SeaweedFS server) against a real server (the
+`s3_server` fixture)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,17 @@ from pathlib import Path
 import pytest
 
 from singer import storage
-from singer.s3server import GRPC_OFFSET, free_ports, read_state, server_status, start_server, stop_server
-from singer.storage import StorageError, parse_s3_uri
+from singer.storage import (
+    GRPC_OFFSET,
+    StorageError,
+    free_ports,
+    parse_s3_uri,
+    read_state,
+    server_status,
+    start_server,
+    stop_server,
+    transfer,
+)
 
 MiB = 1024 * 1024
 SMALL_PART = 5 * MiB  # the smallest part size S3 (and boto3) allow
@@ -214,8 +224,8 @@ def test_upload_dir_skips_unchanged_objects(s3_env, s3_bucket, tmp_path, monkeyp
     (src / "a.txt").write_bytes(b"changed")
     (src / ".hidden").write_bytes(b"not uploaded")
     sent = []
-    real = storage.upload_file
-    monkeypatch.setattr(storage, "upload_file", lambda p, u, **k: (sent.append(u), real(p, u, **k))[1])
+    real = transfer.upload_file
+    monkeypatch.setattr(transfer, "upload_file", lambda p, u, **k: (sent.append(u), real(p, u, **k))[1])
     second = storage.upload_dir(src, uri, multipart_threshold=SMALL_PART, multipart_chunksize=SMALL_PART)
     assert sent == [f"{uri}/a.txt"]
     assert set(second) == set(first) == {f"up/{k}" for k in files}
@@ -314,7 +324,7 @@ def test_server_files_are_private_and_secret_free(s3_server):
 
 
 def test_identities_example_has_the_generated_shape():
-    from singer.s3server import identities_json
+    from singer.storage import identities_json
 
     example = json.loads((Path(__file__).parents[1] / "infra" / "s3" / "identities.example.json").read_text())
     generated = json.loads(identities_json("ak", "sk"))
@@ -344,7 +354,7 @@ def test_start_server_detached_then_stop_from_another_process(tmp_path, monkeypa
     (port,) = free_ports(1)
     env = {k: v for k, v in os.environ.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
     printed = _run_py(
-        "import json; from singer.s3server import start_server; "
+        "import json; from singer.storage import start_server; "
         f"print(json.dumps(start_server({str(data)!r}, port={port}, buckets=['singer'])))",
         env,
     )
@@ -367,7 +377,7 @@ def test_start_server_detached_then_stop_from_another_process(tmp_path, monkeypa
         client = storage.s3_client(endpoint_url=info["endpoint_url"], access_key=ak, secret_key=secret)
         assert [b["Name"] for b in client.list_buckets()["Buckets"]] == ["singer"]
     finally:
-        stopped = _run_py(f"from singer.s3server import stop_server; print(stop_server({str(data)!r}))", env)
+        stopped = _run_py(f"from singer.storage import stop_server; print(stop_server({str(data)!r}))", env)
     assert stopped.strip() == "True"
     assert not server_status(data)["running"]
     left = [s for p in info["ports"].values() for s in Path("/tmp").glob(f"seaweedfs-*-{p}.sock")]

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 
 from singer.data import synth_audio as sa
-from singer.data.landmarks import (
+from singer.data.synth import PEAK, synthesize_corpus
+from singer.data.synth_face import FaceAnimator, Pose, make_variant
+from singer.faces import (
     detect_faces,
     detect_landmarks,
     landmarks68,
     model_dir,
     mouth_opening,
 )
-from singer.data.synth import PEAK, synthesize_corpus
-from singer.data.synth_face import FaceAnimator, Pose, make_variant
 from singer.media.audio import read_audio, read_wav
 from singer.media.video import probe, read_frames
 

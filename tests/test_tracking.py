@@ -1,4 +1,5 @@
-"""MLflow tracking (singer.tracking) against a real SQLite store in tmp, and the training media (media_log)."""
+"""MLflow tracking (singer.release.tracking, lineage) against a real SQLite store in tmp, and the training media
+(singer.media.sample_video, singer.train.media_log)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from singer import tracking
 from singer.config import Config, TrackingConfig
+from singer.release import lineage, tracking
 
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
@@ -106,12 +107,12 @@ def test_start_run_logs_flattened_params_and_tags(ml, tmp_path):
     assert params["model.block_out_channels"] == "[32, 64, 64]"
     assert params["validate.max_fps_error"] == "0.01"  # the alias, as in params.yaml
     assert params["preset"] == "tiny"
-    assert len(params) == len(tracking.config_params(ml))
+    assert len(params) == len(lineage.config_params(ml))
     tags = stored.data.tags
     assert tags["stage"] == "train" and tags["variant"] == "full"
     assert re.fullmatch(r"[0-9a-f]{40}|unknown", tags["git_commit"])
     assert tags["git_dirty"] in ("true", "false", "unknown")
-    assert tags["data_hash"] == tracking.data_hash([data])
+    assert tags["data_hash"] == lineage.data_hash([data])
     assert stored.info.status == "FINISHED"
     assert stored.info.experiment_id == tracking.setup_mlflow(ml.tracking)
 
@@ -124,7 +125,7 @@ def test_failed_block_marks_run_failed(ml):
 
 
 def test_secrets_are_scrubbed(ml, monkeypatch):
-    params = tracking.scrub_params(
+    params = lineage.scrub_params(
         {
             "s3.secret_key": "s3cr3t",
             "db.PASSWORD": "pw",
@@ -138,12 +139,12 @@ def test_secrets_are_scrubbed(ml, monkeypatch):
             "s3.endpoint_url": "http://127.0.0.1:8333",
         }
     )
-    assert params["s3.secret_key"] == params["db.PASSWORD"] == params["hf.token"] == tracking.REDACTED
+    assert params["s3.secret_key"] == params["db.PASSWORD"] == params["hf.token"] == lineage.REDACTED
     assert (
         params["aws_access_key_id"]
         == params["gcp.credentials_file"]
         == params["openai.api_key"]
-        == tracking.REDACTED
+        == lineage.REDACTED
     )
     assert params["train.keep_last"] == 3 and params["train.lr"] == 0.1
     assert params["tracking.tracking_uri"] == "postgresql://mlflow:***@db:5432/mlflow"
@@ -174,7 +175,7 @@ def test_long_values_and_odd_keys(ml):
     cfg = ml.model_copy(
         update={"ingest": ml.ingest.model_copy(update={"sources": [f"/d/{i:05d}" for i in range(2000)]})}
     )
-    params = tracking.config_params(cfg)
+    params = lineage.config_params(cfg)
     assert len(params["ingest.sources"]) == MAX_PARAM_VAL_LENGTH and params["ingest.sources"].endswith("...")
     with tracking.start_run(cfg, "ingest") as run:
         run_id = run.info.run_id
@@ -263,8 +264,9 @@ def test_every_checkpoint_logged_while_local_keeps_last(ml, tmp_path):
 def test_video_figure_table_and_model_artifacts(ml, tmp_path):
     from matplotlib.figure import Figure
 
+    from singer.media.sample_video import write_sample_video
     from singer.media.video import probe
-    from singer.train.media_log import loss_plot, write_sample_video
+    from singer.train.media_log import loss_plot
 
     rng = np.random.default_rng(0)
     gt = rng.integers(0, 255, (10, 32, 32, 3), dtype=np.uint8)
@@ -364,27 +366,28 @@ def test_data_hash(tmp_path, monkeypatch):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "a.txt").write_text("a")
     (tmp_path / "f.bin").write_bytes(b"x")
-    h1 = tracking.data_hash(["d", "f.bin"])
-    assert h1 == tracking.data_hash(["f.bin", "d"])  # order does not matter
+    h1 = lineage.data_hash(["d", "f.bin"])
+    assert h1 == lineage.data_hash(["f.bin", "d"])  # order does not matter
     (tmp_path / "d" / "a.txt").write_text("b")
-    h2 = tracking.data_hash(["d", "f.bin"])
+    h2 = lineage.data_hash(["d", "f.bin"])
     assert h2 != h1
-    assert tracking.data_hash(["missing"]) != tracking.data_hash(["f.bin"])
+    assert lineage.data_hash(["missing"]) != lineage.data_hash(["f.bin"])
     # with a dvc.lock entry the recorded md5 is used, not the content
     (tmp_path / "dvc.lock").write_text(
         "schema: '2.0'\nstages:\n  split:\n    cmd: x\n    outs:\n    - path: d\n      md5: abc.dir\n      size: 1\n"
     )
-    h3 = tracking.data_hash(["d", "f.bin"])
+    h3 = lineage.data_hash(["d", "f.bin"])
     (tmp_path / "d" / "a.txt").write_text("c")
-    assert tracking.data_hash(["d", "f.bin"]) == h3
-    assert tracking.data_hash(["d", "f.bin"], dvc_lock=None) != h3
+    assert lineage.data_hash(["d", "f.bin"]) == h3
+    assert lineage.data_hash(["d", "f.bin"], dvc_lock=None) != h3
 
 
 # ------------------------------------------------------------------------------------------------ media
 
 
 def test_side_by_side_and_loss_plot(tmp_path):
-    from singer.train.media_log import loss_plot, side_by_side
+    from singer.media.sample_video import side_by_side
+    from singer.train.media_log import loss_plot
 
     gt = np.zeros((3, 4, 5, 3), np.uint8)
     gen = np.full((3, 4, 5, 3), 255, np.uint8)

@@ -1,4 +1,5 @@
-"""The denoising 3D UNet, the reference 2D UNet and the face locator (singer/models/unet.py, blocks.py).
+"""The denoising 3D UNet, the reference 2D UNet and the face locator (singer/models/unet_*.py, face_locator.py and
+the layers they are made of).
 
 Tiny preset sizes throughout (latents as the preset's autoencoder makes them: crop resolution / pixel-shuffle
 factor, ``latent_channels``), batch 2, 8 frames, 4 face tokens, 32 audio tokens per frame.
@@ -12,8 +13,11 @@ import pytest
 import torch
 
 from singer.config import load_config
-from singer.models.blocks import AudioModule, MotionModule, PositionalEncoding
-from singer.models.unet import DenoisingUNet3D, FaceLocator, ReferenceUNet2D
+from singer.models.audio_module import AudioMasks, AudioModule
+from singer.models.face_locator import FaceLocator
+from singer.models.motion_module import MotionModule, PositionalEncoding
+from singer.models.unet_denoising import DenoisingUNet3D
+from singer.models.unet_reference import ReferenceUNet2D
 
 B, F, R = 2, 8, 3  # batch, frames, reference images per sample (reference frame + 2 motion frames)
 
@@ -73,6 +77,16 @@ def models(cfg):
 # shapes and the reference contract
 
 
+def _encode(ref, inp, **kwargs):
+    return ref(inp["references"], 0, face_tokens=inp["face_tokens"], **kwargs)
+
+
+def _cond(inp, states):
+    """The denoising UNet's keyword arguments for the standard inputs and these reference states."""
+    return {"face_tokens": inp["face_tokens"], "audio_tokens": inp["audio_tokens"], "reference_states": states,
+            "masks": inp["masks"]}
+
+
 def test_reference_contract(models, dims):
     den, ref = models
     inp = _inputs(dims)
@@ -83,14 +97,30 @@ def test_reference_contract(models, dims):
                               for k in range(den.config.layers_per_block)]
     assert "mid_block.attentions.0" in names
     with torch.no_grad():
-        states = ref(inp["references"], 0, inp["face_tokens"])
-        grouped = ref(inp["references"], 0, inp["face_tokens"], references_per_sample=R)
-    shapes = den.reference_shapes(dims["S"], dims["S"])
-    assert len(states) == len(shapes) == den.num_reference_layers
-    for state, group, (h, w, c) in zip(states, grouped, shapes):
-        assert state.shape == (B * R, h * w, c)
-        assert group.shape == (B, R * h * w, c)
-        assert torch.equal(group, state.reshape(B, R * h * w, c))
+        states = _encode(ref, inp)
+        grouped = _encode(ref, inp, references_per_sample=R)
+    assert list(states) == list(grouped) == names == ref.attention_layer_names()  # keyed by name, execution order
+    assert len(names) == den.num_reference_layers
+    sizes = den.level_sizes(dims["S"], dims["S"])
+    for name in names:
+        block = name.split(".attentions.")[0]
+        level = (len(sizes) - 1 if block == "mid_block" else int(block.split(".")[1]) if block.startswith("down")
+                 else len(sizes) - 1 - int(block.split(".")[1]))
+        h, w = sizes[level]
+        c = den.get_submodule(name).proj_in.in_channels
+        assert states[name].shape == (B * R, h * w, c), name
+        assert grouped[name].shape == (B, R * h * w, c), name
+        assert torch.equal(grouped[name], states[name].reshape(B, R * h * w, c))
+
+
+def test_reference_unet_ends_at_the_last_attn1_input(models):
+    _, ref = models
+    last = ref.attention_layer_names()[-1]
+    assert ref.get_submodule(last) is ref.last_attention and ref.last_attention.attn1_input_only
+    assert last.startswith(f"up_blocks.{len(ref.up_blocks) - 1}.") and ref.up_blocks[-1].upsamplers is None
+    others = [n for n in ref.attention_layer_names()[:-1] if ref.get_submodule(n).attn1_input_only]
+    assert not others
+    assert all(name.startswith(last + ".") for name in ref.unused_parameter_names())
 
 
 def test_denoising_shapes(models, dims):
@@ -98,39 +128,42 @@ def test_denoising_shapes(models, dims):
     inp = _inputs(dims)
     shape = inp["sample"].shape
     with torch.no_grad():
-        states = ref(inp["references"], 0, inp["face_tokens"], references_per_sample=R)
-        full = den(inp["sample"], inp["timestep"], inp["face_tokens"], inp["audio_tokens"], states, inp["masks"])
+        states = _encode(ref, inp, references_per_sample=R)
+        full = den(inp["sample"], inp["timestep"], **_cond(inp, states))
         assert full.shape == shape and torch.isfinite(full).all()
         # each conditioning optional; scalar timestep; (B*R, hw, C) states are regrouped the same way
-        for kwargs in (
-            {"reference_states": None},
-            {"masks": None},
-            {"audio_tokens": None},
-            {"face_tokens": None},
-            {"reference_states": None, "masks": None, "audio_tokens": None, "face_tokens": None},
-        ):
-            args = {"face_tokens": inp["face_tokens"], "audio_tokens": inp["audio_tokens"],
-                    "reference_states": states, "masks": inp["masks"], **kwargs}
+        for off in ({"reference_states"}, {"masks"}, {"audio_tokens"}, {"face_tokens"},
+                    {"reference_states", "masks", "audio_tokens", "face_tokens"}):
+            args = {k: None if k in off else v for k, v in _cond(inp, states).items()}
             out = den(inp["sample"], 7, **args)
             assert out.shape == shape and torch.isfinite(out).all()
-        flat = [s.reshape(B * R, -1, s.shape[-1]) for s in states]
-        again = den(inp["sample"], inp["timestep"], inp["face_tokens"], inp["audio_tokens"], flat, inp["masks"])
-        assert torch.equal(again, full)
+        flat = {name: s.reshape(B * R, -1, s.shape[-1]) for name, s in states.items()}
+        assert torch.equal(den(inp["sample"], inp["timestep"], **_cond(inp, flat)), full)
+        # looked up by name, not by position
+        backwards = dict(reversed(list(states.items())))
+        assert torch.equal(den(inp["sample"], inp["timestep"], **_cond(inp, backwards)), full)
 
 
 def test_bad_inputs_raise(models, dims):
     den, ref = models
     inp = _inputs(dims)
     with torch.no_grad():
-        states = ref(inp["references"], 0, inp["face_tokens"], references_per_sample=R)
-        with pytest.raises(ValueError, match="entries"):
-            den(inp["sample"], 1, inp["face_tokens"], reference_states=states[:-1])
+        states = _encode(ref, inp, references_per_sample=R)
+        fewer = dict(list(states.items())[:-1])
+        with pytest.raises(ValueError, match="missing"):
+            den(inp["sample"], 1, face_tokens=inp["face_tokens"], reference_states=fewer)
         with pytest.raises(ValueError, match="audio_tokens"):
-            den(inp["sample"], 1, inp["face_tokens"], inp["audio_tokens"][:, :-1])
+            den(inp["sample"], 1, face_tokens=inp["face_tokens"], audio_tokens=inp["audio_tokens"][:, :-1])
         with pytest.raises(ValueError, match="sample"):
-            den(inp["sample"][:, :, 0], 1, inp["face_tokens"])
+            den(inp["sample"][:, :, 0], 1, face_tokens=inp["face_tokens"])
         with pytest.raises(ValueError, match="face_tokens"):
-            den(inp["sample"], 1, inp["face_tokens"][..., :-1])
+            den(inp["sample"], 1, face_tokens=inp["face_tokens"][..., :-1])
+        swapped = dict(states)
+        swapped["down_blocks.0.attentions.0"] = states["mid_block.attentions.0"]
+        with pytest.raises(ValueError, match="does not fit"):
+            den(inp["sample"], 1, reference_states=swapped)
+        with pytest.raises(TypeError):
+            den(inp["sample"], 1, inp["face_tokens"])  # keyword arguments only
     with pytest.raises(ValueError, match="motion_frames_mode"):
         DenoisingUNet3D(block_out_channels=(32, 64), norm_num_groups=8, motion_frames_mode="nope")
 
@@ -158,24 +191,23 @@ def test_fresh_audio_motion_sfm_are_identities(cfg, dims):
     full, ref = _models(cfg)
     inp = _inputs(dims)
     with torch.no_grad():
-        states = ref(inp["references"], 0, inp["face_tokens"], references_per_sample=R)
-        out = full(inp["sample"], inp["timestep"], inp["face_tokens"], inp["audio_tokens"], states, inp["masks"])
+        states = _encode(ref, inp, references_per_sample=R)
+        out = full(inp["sample"], inp["timestep"], **_cond(inp, states))
         for off in ({"use_audio_modules": False}, {"use_motion_modules": False}, {"use_sfm": False}):
             plain = DenoisingUNet3D.from_model_config(cfg.model, **off).eval()
             missing, unexpected = plain.load_state_dict(full.state_dict(), strict=False)
             assert not missing and unexpected  # the plain UNet is a strict subset
-            other = plain(inp["sample"], inp["timestep"], inp["face_tokens"], inp["audio_tokens"], states,
-                          inp["masks"])
+            other = plain(inp["sample"], inp["timestep"], **_cond(inp, states))
             assert torch.equal(out, other), off
 
 
 def test_module_level_identities():
     x = torch.randn(2 * 4, 16, 6, 6)
     audio = AudioModule(16, 2, 8, 4, inner=8)
-    assert torch.equal(audio(x, torch.randn(8, 5, 8), None, None, None, None), x)
+    assert torch.equal(audio(x, audio_tokens=torch.randn(8, 5, 8)), x)
     motion = MotionModule(16, 2, 32, 4)
-    assert torch.equal(motion(x, 4), x)
-    assert torch.equal(motion(x, 4, torch.randn(2 * 2, 16, 6, 6)), x)
+    assert torch.equal(motion(x, frames=4), x)
+    assert torch.equal(motion(x, frames=4, prefix=torch.randn(2 * 2, 16, 6, 6)), x)
     pe = PositionalEncoding(16, 32).pe
     assert pe.shape == (1, 32, 16)
     assert torch.allclose(pe[0, 3, 0::2], torch.sin(3 * torch.exp(torch.arange(0, 16, 2) * (-torch.log(torch.tensor(1e4)) / 16))))
@@ -189,30 +221,37 @@ def test_reference_states_are_used(cfg, dims):
     den, ref = _models(cfg)
     _perturb_zero_inits(den)  # motion modules active: the motion frames reach the output through them
     inp = _inputs(dims)
+
+    def run(unet, states):
+        return unet(inp["sample"], inp["timestep"], **_cond(inp, states))
+
     with torch.no_grad():
-        states = ref(inp["references"], 0, inp["face_tokens"], references_per_sample=R)
-        args = (inp["sample"], inp["timestep"], inp["face_tokens"], inp["audio_tokens"])
-        base = den(*args, states, inp["masks"])
-        plain = den(*args, None, inp["masks"])
-        assert not torch.allclose(base, plain, atol=1e-5)
+        states = _encode(ref, inp, references_per_sample=R)
+        base = run(den, states)
+        assert not torch.allclose(base, run(den, None), atol=1e-5)
         # the reference frame's tokens (first h*w of each state)
-        other = ref(inp["references"].flip(0), 0, inp["face_tokens"], references_per_sample=R)
-        assert not torch.allclose(base, den(*args, other, inp["masks"]), atol=1e-5)
+        other = ref(inp["references"].flip(0), 0, face_tokens=inp["face_tokens"], references_per_sample=R)
+        assert not torch.allclose(base, run(den, other), atol=1e-5)
         # the motion frames' tokens: through the motion modules (temporal mode) ...
         g = torch.Generator().manual_seed(5)
-        moved = [torch.cat([s[:, : s.shape[1] // R], s[:, s.shape[1] // R:] + torch.randn(s[:, s.shape[1] // R:].shape, generator=g)], 1) for s in states]
-        assert not torch.allclose(base, den(*args, moved, inp["masks"]), atol=1e-5)
+        moved = {}
+        for name, s in states.items():
+            hw = s.shape[1] // R
+            moved[name] = torch.cat([s[:, :hw], s[:, hw:] + torch.randn(s[:, hw:].shape, generator=g)], 1)
+        assert not torch.allclose(base, run(den, moved), atol=1e-5)
         # ... and with fresh motion modules the motion frames change nothing in temporal mode, but do in spatial
         fresh, _ = _models(cfg)
-        t_base, t_moved = fresh(*args, states, inp["masks"]), fresh(*args, moved, inp["masks"])
-        assert torch.equal(t_base, t_moved)
+        assert torch.equal(run(fresh, states), run(fresh, moved))
         spatial = DenoisingUNet3D.from_model_config(cfg.model, motion_frames_mode="spatial").eval()
         spatial.load_state_dict(fresh.state_dict())
-        assert not torch.allclose(spatial(*args, states, inp["masks"]), spatial(*args, moved, inp["masks"]),
-                                  atol=1e-5)
+        assert not torch.allclose(run(spatial, states), run(spatial, moved), atol=1e-5)
         # R = 1 (no motion frames): both modes agree
-        single = [s[:, : s.shape[1] // R] for s in states]
-        assert torch.allclose(spatial(*args, single, inp["masks"]), fresh(*args, single, inp["masks"]), atol=1e-6)
+        single = {name: s[:, : s.shape[1] // R] for name, s in states.items()}
+        assert torch.allclose(run(spatial, single), run(fresh, single), atol=1e-6)
+        # one layer's state reaches the output
+        one = dict(states)
+        one["mid_block.attentions.0"] = torch.randn(states["mid_block.attentions.0"].shape, generator=g)
+        assert not torch.allclose(base, run(den, one), atol=1e-5)
 
 
 def test_audio_is_per_frame_and_masked():
@@ -223,18 +262,16 @@ def test_audio_is_per_frame_and_masked():
     _perturb_zero_inits(module, scale=0.2)
     x, audio = torch.randn(n, c, s, s), torch.randn(n, na, da)
     with torch.no_grad():
-        base = module(x, audio, None, None, None, None)
+        base = module(x, audio_tokens=audio)
         changed = audio.clone()
         changed[5] += 1.0
-        diff = (module(x, changed, None, None, None, None) - base).abs().flatten(1).amax(1)
+        diff = (module(x, audio_tokens=changed) - base).abs().flatten(1).amax(1)
         assert diff[5] > 1e-4 and torch.all(diff[torch.arange(n) != 5] == 0)
         zero = torch.zeros(n, s * s, 1)
-        masked = [module(x, a, zero, zero, zero, None) for a in (audio, changed)]
+        masked = [module(x, audio_tokens=a, masks=AudioMasks(zero, zero, zero)) for a in (audio, changed)]
         assert torch.equal(masked[0], masked[1])  # all masks zero: the audio tokens do not matter
-        only_lip = [module(x, a, zero, zero, None, None) for a in (audio, changed)]
+        only_lip = [module(x, audio_tokens=a, masks=AudioMasks(full=zero, face=zero)) for a in (audio, changed)]
         assert not torch.equal(only_lip[0], only_lip[1])
-        weighted = module(x, audio, None, None, None, (0.0, 0.0, 0.0))
-        assert torch.allclose(weighted, module(x, changed, None, None, None, (0.0, 0.0, 0.0)))
 
 
 def test_audio_locality_through_unet(cfg, dims):
@@ -248,8 +285,8 @@ def test_audio_locality_through_unet(cfg, dims):
     changed = inp["audio_tokens"].clone()
     changed[:, k] += 1.0
     with torch.no_grad():
-        a = den(inp["sample"], inp["timestep"], inp["face_tokens"], inp["audio_tokens"], None, inp["masks"])
-        b = den(inp["sample"], inp["timestep"], inp["face_tokens"], changed, None, inp["masks"])
+        a = den(inp["sample"], inp["timestep"], **_cond(inp, None))
+        b = den(inp["sample"], inp["timestep"], **{**_cond(inp, None), "audio_tokens": changed})
     diff = (a - b).abs().amax(dim=(0, 1, 3, 4))
     assert diff[k] > 1e-5
     assert torch.all(diff[torch.arange(F) != k] == 0)
@@ -260,10 +297,9 @@ def test_audio_locality_through_unet(cfg, dims):
 
 
 def _train_step(den, ref, loc, inp, cfg):
-    states = ref(inp["references"], 0, inp["face_tokens"], references_per_sample=R)
+    states = _encode(ref, inp, references_per_sample=R)
     mask = torch.rand(B, 1, F, cfg.crop.resolution, cfg.crop.resolution, generator=torch.Generator().manual_seed(3))
-    out = den(inp["sample"], inp["timestep"], inp["face_tokens"], inp["audio_tokens"], states, inp["masks"],
-              loc(mask))
+    out = den(inp["sample"], inp["timestep"], **_cond(inp, states), face_features=loc(mask))
     loss = (out - inp["sample"]).pow(2).mean()
     loss.backward()
     return loss
@@ -350,9 +386,6 @@ def test_save_pretrained_round_trip(tmp_path, cfg, dims):
         sa, sb = a.state_dict(), b.state_dict()
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     with torch.no_grad():
-        states = ref2(inp["references"], 0, inp["face_tokens"], references_per_sample=R)
-        out = den2(inp["sample"], inp["timestep"], inp["face_tokens"], inp["audio_tokens"], states, inp["masks"])
-        ref_states = ref(inp["references"], 0, inp["face_tokens"], references_per_sample=R)
-        expected = den(inp["sample"], inp["timestep"], inp["face_tokens"], inp["audio_tokens"], ref_states,
-                       inp["masks"])
+        out = den2(inp["sample"], inp["timestep"], **_cond(inp, _encode(ref2, inp, references_per_sample=R)))
+        expected = den(inp["sample"], inp["timestep"], **_cond(inp, _encode(ref, inp, references_per_sample=R)))
     assert torch.equal(out, expected)

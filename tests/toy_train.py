@@ -114,7 +114,7 @@ def train(
         )
     import contextlib
 
-    from singer import tracking
+    from singer.release import tracking
 
     run_ctx = tracking.start_run(cfg, stage="toy") if cfg is not None else contextlib.nullcontext()
     with run_ctx as run:

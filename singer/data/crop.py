@@ -4,7 +4,12 @@
 
 How a clip is processed
 -----------------------
-1. **Track** (`track_faces`). dlib's HOG detector (`singer.data.landmarks`) on every frame, cheaply:
+The face work (detection, landmarks, tracking, crop geometry, masks) lives in `singer.faces`, shared with
+generation and the metrics; this module is the stage on top of it: reading clips, rejecting, choosing the
+reference frame, writing the outputs, the worker pool.
+
+1. **Track** (`singer.faces.track.track_faces`). dlib's HOG detector (`singer.faces.detect`) on every frame,
+   cheaply:
    - until a face is first found, the whole frame is searched, downscaled so that its long side is
      `crop.detect_max_side`, with dlib upsampling x1 then x2 only when nothing is found (HOG's window is
      80 px: smaller faces need upsampling);
@@ -30,10 +35,11 @@ How a clip is processed
    judged by score and size, not by count, because HOG with upsampling reports weak false faces),
    `too many frames without a face` (> `max_missing_fraction`), `jittery track` (see below),
    `error` (anything unexpected; the batch goes on).
-3. **Box**. How "face crop with scale ratio 0.8" is read: the face, measured by its landmarks (the
-   larger of the width and the height of the 68 points' bounding box, i.e. ear to ear or brow to chin),
-   spans `crop.scale` (0.8) of the crop side: crop side = face size / 0.8. Because the jaw drops when
-   the mouth opens, neither the size nor the centre follow the raw landmark box frame by frame:
+3. **Box** (`singer.faces.crop.crop_geometry`). How "face crop with scale ratio 0.8" is read: the face,
+   measured by its landmarks (the larger of the width and the height of the 68 points' bounding box,
+   i.e. ear to ear or brow to chin), spans `crop.scale` (0.8) of the crop side: crop side = face size /
+   0.8. Because the jaw drops when the mouth opens, neither the size nor the centre follow the raw
+   landmark box frame by frame:
    - the size is one number per clip (the median face size), so the crop never zooms with the jaw;
    - the centre follows the *rigid* landmarks (nose, eyes, the upper jaw near the ears) plus a constant
      per-clip offset (median of landmark-box centre minus rigid centre), so mouth motion does not move
@@ -43,16 +49,18 @@ How a clip is processed
    size, over frames where the face was detected (divided by the gap when frames are missing in
    between). The clip is rejected when its maximum exceeds `crop.max_jitter`: a head moving on the beat
    at 25 fps moves a few percent of the face per frame; a jump of more is a tracking error or a cut.
-5. **Crop**: an affine warp (bilinear) to an integer multiple of `crop.resolution`, then an exact box
-   filter (`INTER_AREA`) down to the resolution, so downscaling does not alias.
-6. **Masks** at crop resolution, uint8 {0, 1}, unions over the clip's frames (Hallo-style):
+5. **Crop** (`singer.faces.crop.crop_frame`): an affine warp (bilinear) to an integer multiple of
+   `crop.resolution`, then an exact box filter (`INTER_AREA`) down to the resolution, so downscaling
+   does not alias.
+6. **Masks** (`singer.faces.masks.make_masks`) at crop resolution, uint8 {0, 1}, unions over the clip's
+   frames (Hallo-style):
    - `face`: convex hull of the jaw and brows (0-26) with the brows raised by `FOREHEAD` x the
-     chin-to-nose-bridge distance to take in the forehead;
+     chin-to-nose-bridge distance to take in the forehead (these constants live in `singer.faces.masks`);
    - `lip`: convex hull of the outer lip (48-59), dilated by `LIP_MARGIN` x the mouth width;
    - `pose`: the bounding boxes of the face region, grown by `POSE_GROW` about their centres: the region
      the head moves in. By construction lip is (nearly) inside face, and face inside pose.
-7. **Reference frame**: the frame with the most closed mouth (the smallest `mouth_opening` among
-   detected frames; the earliest frame within 0.02 of that minimum, to prefer the start of the clip).
+7. **Reference frame**: the frame with the most closed mouth (the smallest `singer.faces.mouth_opening`
+   among detected frames; the earliest frame within 0.02 of that minimum, to prefer the start of the clip).
    Why not the first frame: the reference conditions identity and appearance; a closed mouth carries no
    particular articulation, so the model has to take mouth motion from the audio, and it matches what a
    user supplies at inference (a portrait). The paper's training uses the first frame of each 16-frame
@@ -84,13 +92,11 @@ Output (`paths.crops`, swapped in atomically; a failed run leaves the previous o
 from __future__ import annotations
 
 import concurrent.futures as cf
-import itertools
 import multiprocessing
 import os
 import shutil
 import time
 import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
@@ -99,8 +105,17 @@ import pandas as pd
 from tqdm import tqdm
 
 from singer.config import Config, CropConfig
-from singer.data import landmarks as lmk
 from singer.data.common import Rejections, StageError, write_stats
+from singer.faces import (
+    Track,
+    crop_frame,
+    crop_geometry,
+    fill_missing,
+    make_masks,
+    mouth_opening,
+    to_crop,
+    track_faces,
+)
 from singer.io import atomic_dir, write_json_atomic, write_parquet_atomic
 from singer.media import MediaError, read_frames, write_video
 
@@ -111,19 +126,6 @@ MANIFEST_COLUMNS = [
     "reference_frame", "face_px",
 ]
 
-# Landmark groups (iBUG 68).
-RIGID = np.r_[0:3, 14:17, 27:36, 36:48]   # upper jaw near the ears, nose, eyes: unmoved by the mouth
-JAW_BROWS = np.r_[0:27]
-BROWS = np.r_[17:27]
-OUTER_LIP = np.r_[48:60]
-CHIN, NOSE_TOP = 8, 27
-
-FOREHEAD = 0.4    # brows raised by this x |chin - nose bridge| for the face mask
-LIP_MARGIN = 0.15  # lip mask dilation, x mouth width
-POSE_GROW = 1.1   # pose mask: face-region boxes grown by this factor about their centres
-ROI_FACTOR = 2.0  # tracking window side, x the previous face box side
-MAX_DETECT_SIDE = 1280  # cap on the long side of a rescaled whole-frame detection image
-HOG_MIN_FACE = 85       # smallest face (px) HOG finds reliably without upsampling (its window is 80 px)
 REFERENCE_TOLERANCE = 0.02
 
 LANDMARKS_MODEL = "dlib HOG frontal detector + shape_predictor_68_face_landmarks (face_recognition_models)"
@@ -139,254 +141,6 @@ class ClipRejected(Exception):
     def __init__(self, reason: str, frames: int = 0):
         super().__init__(reason)
         self.frames = frames  # frames decoded before the decision (for the stage's frames/s)
-
-
-Box = tuple[float, float, float, float]
-
-
-# --------------------------------------------------------------------------------------------- detection
-def _side(box: Box) -> float:
-    return float(max(box[2] - box[0], box[3] - box[1]))
-
-
-def _iou(a: Box, b: Box) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def _detect_region(frame: np.ndarray, x0: int, y0: int, x1: int, y1: int, scale: float,
-                   upsample: int = 0) -> list[tuple[Box, float]]:
-    """Detect faces in frame[y0:y1, x0:x1] rescaled by `scale`; boxes come back in frame coordinates."""
-    region = frame[y0:y1, x0:x1]
-    h, w = region.shape[:2]
-    if h < 8 or w < 8:
-        return []
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    if size != (w, h):
-        interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-        region = cv2.resize(region, size, interpolation=interp)
-    sx, sy = size[0] / w, size[1] / h
-    out = []
-    for (bx0, by0, bx1, by1), score in lmk.detect_faces(region, upsample):
-        box = (x0 + (bx0 + 0.5) / sx - 0.5, y0 + (by0 + 0.5) / sy - 0.5,
-               x0 + (bx1 + 0.5) / sx - 0.5, y0 + (by1 + 0.5) / sy - 0.5)
-        out.append((box, float(score)))
-    return out
-
-
-def _search(frame: np.ndarray, cc: CropConfig) -> list[tuple[Box, float]]:
-    """Whole-frame search without a prior: long side at detect_max_side, upsampling x1, x2 if needed."""
-    h, w = frame.shape[:2]
-    scale = min(1.0, cc.detect_max_side / max(h, w))
-    for upsample in (0, 1, 2):
-        faces = [f for f in _detect_region(frame, 0, 0, w, h, scale, upsample) if f[1] >= cc.min_face_score]
-        if faces:
-            return faces
-    return []
-
-
-def _whole_at_face_scale(frame: np.ndarray, face_side: float, cc: CropConfig) -> list[tuple[Box, float]]:
-    """Whole-frame detection rescaled so that the tracked face (`face_side` pixels) measures at least
-    detect_face_px and a face `second_face_ratio` times its size is still above HOG's 80 px window."""
-    h, w = frame.shape[:2]
-    target = max(cc.detect_face_px, HOG_MIN_FACE / max(cc.second_face_ratio, 1e-3))
-    scale = min(target / max(face_side, 1.0), MAX_DETECT_SIDE / max(h, w))
-    return [f for f in _detect_region(frame, 0, 0, w, h, scale) if f[1] >= cc.min_face_score]
-
-
-def _window(frame: np.ndarray, prev: Box, cc: CropConfig) -> list[tuple[Box, float]]:
-    """Detection in a window ROI_FACTOR x the previous box, rescaled so the face is detect_face_px."""
-    h, w = frame.shape[:2]
-    side = _side(prev)
-    cx, cy = (prev[0] + prev[2]) / 2, (prev[1] + prev[3]) / 2
-    half = ROI_FACTOR * side / 2
-    x0, y0 = max(0, int(np.floor(cx - half))), max(0, int(np.floor(cy - half)))
-    x1, y1 = min(w, int(np.ceil(cx + half)) + 1), min(h, int(np.ceil(cy + half)) + 1)
-    scale = cc.detect_face_px / max(side, 1.0)
-    return [f for f in _detect_region(frame, x0, y0, x1, y1, scale) if f[1] >= cc.min_face_score]
-
-
-def _pick(faces: list[tuple[Box, float]], prev: Box | None) -> tuple[Box, float] | None:
-    if not faces:
-        return None
-    if prev is not None:
-        best = max(faces, key=lambda f: (_iou(f[0], prev), f[1]))
-        if _iou(best[0], prev) > 0:
-            return best
-    return faces[0]  # sorted by score
-
-
-@dataclass
-class Track:
-    """Per-frame detection results of one clip."""
-
-    boxes: np.ndarray                 # (T, 4) detector boxes in source pixels, NaN where missing
-    scores: np.ndarray                # (T,) detection scores, NaN where missing
-    landmarks: np.ndarray             # (T, 68, 2) source pixels, NaN where missing
-    keyframes: list[int] = field(default_factory=list)
-    multi_face: list[int] = field(default_factory=list)  # keyframes with a second face
-    second_scores: list[float] = field(default_factory=list)
-    stopped_at: int | None = None     # frame where tracking gave up (too many missing frames)
-
-    @property
-    def detected(self) -> np.ndarray:
-        return ~np.isnan(self.scores)
-
-
-def track_faces(frames: np.ndarray, cc: CropConfig, max_missing: int | None = None) -> Track:
-    """Detect and follow the face through (T, H, W, 3) frames and fit 68 landmarks on each frame.
-
-    Stops early (Track.stopped_at) once more than `max_missing` frames have no face.
-    """
-    n = len(frames)
-    track = Track(np.full((n, 4), np.nan), np.full(n, np.nan), np.full((n, 68, 2), np.nan, np.float32))
-    prev: Box | None = None
-    missing = 0
-    every = max(1, int(cc.redetect_every))
-    for t, frame in enumerate(frames):
-        key = prev is None or t % every == 0
-        chosen = None
-        if not key:
-            chosen = _pick(_window(frame, prev, cc), prev)
-        if chosen is None:
-            faces = _whole_at_face_scale(frame, _side(prev), cc) if prev is not None else []
-            if not faces and (prev is None or key):
-                faces = _search(frame, cc)  # no prior, or a keyframe: look for any size of face
-            chosen = _pick(faces, prev)
-            if key and chosen is not None:
-                track.keyframes.append(t)
-                side = _side(chosen[0])
-                others = [f for f in faces if f[0] != chosen[0] and _side(f[0]) >= cc.second_face_ratio * side]
-                if others:
-                    track.multi_face.append(t)
-                    track.second_scores.append(max(f[1] for f in others))
-        if chosen is None:
-            missing += 1
-            if max_missing is not None and missing > max_missing:
-                track.stopped_at = t
-                break
-            continue
-        box, score = chosen
-        track.boxes[t] = box
-        track.scores[t] = score
-        track.landmarks[t] = lmk.landmarks68(frame, box)
-        prev = box
-    return track
-
-
-def fill_missing(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Linear interpolation over time of (T, ...) values at the frames where `valid` is False."""
-    values = np.array(values, dtype=np.float64)
-    idx = np.flatnonzero(valid)
-    if len(idx) == 0:
-        raise ValueError("no valid frame to interpolate from")
-    if len(idx) == len(values):
-        return values
-    t = np.arange(len(values))
-    flat = values.reshape(len(values), -1)
-    for j in range(flat.shape[1]):
-        flat[:, j] = np.interp(t, idx, flat[idx, j])
-    return flat.reshape(values.shape)
-
-
-# --------------------------------------------------------------------------------------------- geometry
-@dataclass
-class Geometry:
-    centres: np.ndarray     # (T, 2) smoothed crop centres, source pixels
-    raw_centres: np.ndarray  # (T, 2) unsmoothed (rigid centre + offset), interpolated where missing
-    side: float             # crop side, source pixels
-    face_px: float          # face size (landmark extent), source pixels
-    jumps: np.ndarray       # (T-1,) raw centre jumps / face size, NaN where not measurable
-
-    def boxes(self) -> np.ndarray:
-        half = self.side / 2
-        return np.concatenate([self.centres - half, self.centres + half], axis=1)
-
-
-def face_size(landmarks: np.ndarray) -> np.ndarray:
-    """Larger side of the landmarks' bounding box, (..., 68, 2) -> (...)."""
-    extent = landmarks.max(axis=-2) - landmarks.min(axis=-2)
-    return extent.max(axis=-1)
-
-
-def crop_geometry(landmarks: np.ndarray, detected: np.ndarray, cc: CropConfig) -> Geometry:
-    """Crop centres (smoothed), side and jitter from per-frame landmarks (NaN rows where not detected)."""
-    from scipy.ndimage import gaussian_filter1d
-
-    lm = landmarks[detected].astype(np.float64)
-    size = float(np.median(face_size(lm)))
-    rigid = np.full((len(landmarks), 2), np.nan)
-    rigid[detected] = lm[:, RIGID].mean(axis=1)
-    box_centre = (lm.max(axis=1) + lm.min(axis=1)) / 2
-    offset = np.median(box_centre - rigid[detected], axis=0)
-    raw = fill_missing(rigid, detected) + offset
-    centres = gaussian_filter1d(raw, cc.smooth_sigma, axis=0, mode="nearest") if cc.smooth_sigma > 0 else raw
-    jumps = np.full(max(len(landmarks) - 1, 0), np.nan)
-    idx = np.flatnonzero(detected)
-    for a, b in itertools.pairwise(idx):
-        jumps[a] = np.linalg.norm(rigid[b] - rigid[a]) / (b - a) / max(size, 1e-9)
-    return Geometry(centres, raw, size / cc.scale, size, jumps)
-
-
-def crop_frame(frame: np.ndarray, centre: np.ndarray, side: float, resolution: int) -> np.ndarray:
-    """The square of `side` source pixels centred on `centre`, resized to resolution^2 (edges replicated)."""
-    m = max(1, int(side // resolution))
-    inter = resolution * m
-    a = inter / side
-    x0, y0 = centre[0] - side / 2, centre[1] - side / 2
-    warp = np.float64([[a, 0, -x0 * a - 0.5], [0, a, -y0 * a - 0.5]])
-    out = cv2.warpAffine(frame, warp, (inter, inter), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    if m > 1:
-        out = cv2.resize(out, (resolution, resolution), interpolation=cv2.INTER_AREA)
-    return out
-
-
-def to_crop(points: np.ndarray, centres: np.ndarray, side: float, resolution: int) -> np.ndarray:
-    """Source points (T, K, 2) -> crop pixels, with per-frame crop centres (T, 2)."""
-    origin = centres[:, None, :] - side / 2
-    return (points - origin) * (resolution / side) - 0.5
-
-
-# --------------------------------------------------------------------------------------------- masks
-def face_region(landmarks: np.ndarray) -> np.ndarray:
-    """Jaw + brows + forehead points (raised brows) of one frame: (68, 2) -> (37, 2)."""
-    chin, top = landmarks[CHIN], landmarks[NOSE_TOP]
-    up = top - chin
-    length = float(np.linalg.norm(up))
-    up = up / length if length > 0 else np.array([0.0, -1.0])
-    forehead = landmarks[BROWS] + up * FOREHEAD * length
-    return np.concatenate([landmarks[JAW_BROWS], forehead])
-
-
-def _fill_hull(canvas: np.ndarray, points: np.ndarray) -> None:
-    shift = 4
-    hull = cv2.convexHull(np.round(points * (1 << shift)).astype(np.int32))
-    cv2.fillConvexPoly(canvas, hull, 1, lineType=cv2.LINE_8, shift=shift)
-
-
-def make_masks(landmarks: np.ndarray, resolution: int) -> dict[str, np.ndarray]:
-    """Face, lip and pose masks (H, W) uint8 {0,1} from crop-space landmarks (T, 68, 2), unions over T."""
-    shape = (resolution, resolution)
-    face = np.zeros(shape, np.uint8)
-    lip = np.zeros(shape, np.uint8)
-    pose = np.zeros(shape, np.uint8)
-    for lm in np.asarray(landmarks, np.float64):
-        region = face_region(lm)
-        _fill_hull(face, region)
-        _fill_hull(lip, lm[OUTER_LIP])
-        lo, hi = region.min(axis=0), region.max(axis=0)
-        mid, half = (lo + hi) / 2, (hi - lo) / 2 * POSE_GROW
-        x0, y0 = np.clip(np.ceil(mid - half), 0, resolution).astype(int)
-        x1, y1 = np.clip(np.floor(mid + half) + 1, 0, resolution).astype(int)
-        pose[y0:y1, x0:x1] = 1
-    width = float(np.median(np.linalg.norm(landmarks[:, 54] - landmarks[:, 48], axis=-1)))
-    radius = max(1, round(LIP_MARGIN * width))
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-    lip = cv2.dilate(lip, kernel)
-    return {"face": face, "lip": lip, "pose": pose}
 
 
 def choose_reference(mouth: np.ndarray, detected: np.ndarray) -> int:
@@ -450,7 +204,7 @@ def process_clip(row: dict, clips_dir: Path, out_dir: Path, cfg: Config) -> dict
     crops = np.stack([crop_frame(f, c, geo.side, res) for f, c in zip(frames, geo.centres)])
     landmarks = to_crop(landmarks_src, geo.centres, geo.side, res).astype(np.float32)
     masks = make_masks(landmarks, res)
-    mouth = np.asarray(lmk.mouth_opening(landmarks_src), np.float64)
+    mouth = np.asarray(mouth_opening(landmarks_src), np.float64)
     reference = choose_reference(mouth, detected)
     fps = float(row.get("fps") or 0)
     fps = fps if np.isfinite(fps) and fps > 0 else float(cfg.clip.fps)
@@ -638,14 +392,7 @@ __all__ = [
     "MANIFEST_COLUMNS",
     "ClipRejected",
     "CropError",
-    "Geometry",
-    "Track",
     "choose_reference",
-    "crop_frame",
-    "crop_geometry",
-    "make_masks",
     "process_clip",
     "run_crop",
-    "to_crop",
-    "track_faces",
 ]

@@ -2,7 +2,7 @@
 
 Each take is `out/subject_XXX/take_YY.mp4` (H.264 + AAC) with two sidecars:
 
-- `take_YY.truth.json`: per-frame mouth opening (the units of `singer.data.landmarks.mouth_opening`:
+- `take_YY.truth.json`: per-frame mouth opening (the units of `singer.faces.mouth_opening`:
   inner-lip gap over eye distance, measured on the exact landmarks each frame was rendered with),
   per-frame head pose, beat times, tempo, the sung syllables, a description of the face variant, ...
 - `take_YY.vocals.wav`: the vocal stem, sample-aligned and at the same gain as in the mix;
@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from singer.data import synth_audio as sa
-from singer.data.landmarks import mouth_opening
 from singer.data.synth_face import FaceAnimator, FaceVariant, Pose, make_variant
+from singer.faces import mouth_opening
 from singer.io import write_bytes_atomic, write_json_atomic
 from singer.media.audio import write_wav
 from singer.media.video import write_video

@@ -20,13 +20,14 @@ when it is available on none), `unavailable: {metric: reason}`, `n_clips`, `n_ok
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from singer.config import Config
-from singer.io import write_json_atomic, write_parquet_atomic, write_text_atomic
+from singer.io import write_json_atomic, write_parquet_atomic, write_png_atomic, write_text_atomic
 
 MAX_CURVE_PANELS = 6
 
@@ -126,16 +127,6 @@ def _csv_atomic(path: Path, df) -> Path:
     return write_text_atomic(path, df.to_csv(index=False, na_rep=""))
 
 
-def _png_atomic(fig, path: Path) -> Path:
-    import io
-
-    from singer.io import write_bytes_atomic
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    return write_bytes_atomic(path, buf.getvalue())
-
-
 def mouth_plot(curves, path: Path) -> Path:
     from matplotlib.figure import Figure
 
@@ -152,7 +143,7 @@ def mouth_plot(curves, path: Path) -> Path:
             ax.legend(fontsize=8)
     if clips:
         fig.axes[-1].set_xlabel("frame")
-    return _png_atomic(fig, path)
+    return write_png_atomic(path, fig)
 
 
 def metric_bars(df, names: list[str], path: Path) -> Path:
@@ -166,7 +157,7 @@ def metric_bars(df, names: list[str], path: Path) -> Path:
         ax.set_title(n, fontsize=9)
         ax.set_xticks(range(len(df)))
         ax.set_xticklabels([str(c)[-8:] for c in df["clip_id"]], rotation=90, fontsize=6)
-    return _png_atomic(fig, path)
+    return write_png_atomic(path, fig)
 
 
 def timings_summary(rows: list[dict], seconds: float) -> dict[str, Any]:
@@ -176,11 +167,11 @@ def timings_summary(rows: list[dict], seconds: float) -> dict[str, Any]:
                                       for k in keys}}
 
 
-def write_outputs(cfg: Config, rows: list[dict], set_level: dict[str, Any], seconds: float = 0.0
-                  ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Write everything; returns (eval.json's content, {name: path or [paths]})."""
-    from singer.evaluate.runner import eval_json_path
-    from singer.train.media_log import write_sample_video
+def write_outputs(cfg: Config, rows: list[dict], set_level: dict[str, Any], seconds: float = 0.0, *,
+                  eval_json: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Write everything (the summary to `eval_json`, which the runner names); returns (eval.json's content,
+    {name: path or [paths]})."""
+    from singer.media.sample_video import write_sample_video
 
     out = Path(cfg.evaluate.out_dir)
     names = metric_names(rows, set_level)
@@ -207,23 +198,21 @@ def write_outputs(cfg: Config, rows: list[dict], set_level: dict[str, Any], seco
             samples.append(write_sample_video(out / "samples" / f"{r['clip_id']}.mp4", gt, gen, fps=r["fps"],
                                               audio=audio, sample_rate=rate))
     paths["samples"] = samples
-    paths["eval_json"] = write_json_atomic(eval_json_path(cfg), summary)
+    paths["eval_json"] = write_json_atomic(eval_json, summary)
     return summary, paths
 
 
 def log_to_mlflow(summary: dict[str, Any], paths: dict[str, Any]) -> None:
     """Metric means, the per-clip table, the plots, plot data and sample videos into the active run."""
-    import mlflow
     import pandas as pd
 
-    from singer import tracking
+    from singer.release import tracking
 
     values = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
               and v is not None}
     tracking.log_step(values, step=0)
     if summary.get("unavailable"):
-        tracking._guarded("tags", mlflow.set_tags,
-                          {f"unavailable.{k}": str(v)[:5000] for k, v in summary["unavailable"].items()})
+        tracking.log_tags({f"unavailable.{k}": str(v)[:5000] for k, v in summary["unavailable"].items()})
     df = pd.read_parquet(paths["per_clip"])
     tracking.log_table(df, "eval/per_clip.json")
     tracking.log_artifact(paths["per_clip"], "eval")

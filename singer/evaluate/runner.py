@@ -89,7 +89,7 @@ class ClipEvaluator:
     def __init__(self, cfg: Config, project_root: str | os.PathLike | None = None, threads: int | None = 1):
         import torch
 
-        from singer.models.face import DlibFaceEmbedder, make_face_embedder
+        from singer.faces import DlibFaceEmbedder, make_face_embedder
         from singer.pipeline import SingerPipeline
 
         if project_root is not None and Path(project_root).is_dir():
@@ -360,8 +360,8 @@ def run_evaluate(cfg: Config, progress: bool = True) -> dict:
 
     Returns the summary written to eval.json plus `paths` (what was written) and `mlflow_run_id`.
     """
-    from singer import tracking
     from singer.evaluate import report
+    from singer.release import tracking
 
     ec = cfg.evaluate
     _check_metric_names(list(ec.metrics))
@@ -377,7 +377,8 @@ def run_evaluate(cfg: Config, progress: bool = True) -> dict:
     with tracking.start_run(cfg, "evaluate", tags=tags, data_paths=[cfg.paths.split, ec.model_dir]) as run:
         rows = run_clips(cfg, clips, keep=keep, progress=progress)
         set_level = set_metrics(cfg, rows)
-        summary, paths = report.write_outputs(cfg, rows, set_level, seconds=time.perf_counter() - started)
+        summary, paths = report.write_outputs(cfg, rows, set_level, seconds=time.perf_counter() - started,
+                                              eval_json=eval_json_path(cfg))
         report.log_to_mlflow(summary, paths)
         if run is not None:
             summary["mlflow_run_id"] = run.info.run_id

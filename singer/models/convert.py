@@ -1,8 +1,8 @@
 """Map Hallo's and SINGER's released checkpoints (and the third-party weights they start from) onto our modules.
 
-Our UNets and face locator carry Hallo's names (``singer.models.unet``), so for them the mapping is the identity
-under a component prefix. Target keys are ``<component>.<name inside the component>``; the component prefixes
-are in ``TARGET_PREFIX`` (one table, so the composite model can be wired to it):
+Our UNets and face locator carry Hallo's names (``singer.models.unet_blocks``), so for them the mapping is the
+identity under a component prefix. Target keys are ``<component>.<name inside the component>``; the component
+prefixes are in ``TARGET_PREFIX`` (one table, so the composite model can be wired to it):
 
 ==========================  ======================================  ==========================================
 source (``map_key``)        file (Hallo's ``pretrained_models/``)   goes to

@@ -28,9 +28,11 @@ from singer.config import ModelConfig
 from singer.models.audio import AudioEncoder, make_audio_encoder
 from singer.models.autoencoder import encode_video, load_autoencoder, vae_scale_factor
 from singer.models.face import FaceEncoder
+from singer.models.face_locator import FaceLocator
 from singer.models.msm import MultiScaleSpectralModule
 from singer.models.scheduler import make_scheduler, min_snr_weights, sample_timesteps, training_target
-from singer.models.unet import DenoisingUNet3D, FaceLocator, ReferenceUNet2D
+from singer.models.unet_denoising import DenoisingUNet3D
+from singer.models.unet_reference import ReferenceUNet2D
 
 # names accepted in train.trainable, and the modules they stand for
 TRAINABLE_GROUPS = {
@@ -53,7 +55,7 @@ class Conditions:
 
     face_tokens: torch.Tensor                 # (B, Nf, D)
     audio_tokens: torch.Tensor                # (B, F, Na, D), before MSM
-    reference_states: list[torch.Tensor]      # per attention layer (B, R*h*w, C)
+    reference_states: dict[str, torch.Tensor]  # attention layer name -> (B, R*h*w, C)
     masks: dict[str, torch.Tensor]            # full/face/lip (B, 1, H, W) in [0, 1]
     face_features: torch.Tensor               # (B, C0, h, w), added after conv_in
 
@@ -132,14 +134,14 @@ class SingerModel(nn.Module):
             return encode_video(self.vae, video)
 
     def reference_states(self, reference: torch.Tensor, motion: torch.Tensor,
-                         face_tokens: torch.Tensor) -> list[torch.Tensor]:
-        """reference (B, 3, H, W), motion (B, 3, M, H, W) pixels -> per-layer states (B, R*h*w, C)."""
+                         face_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        """reference (B, 3, H, W), motion (B, 3, M, H, W) pixels -> {attention layer name: (B, R*h*w, C)}."""
         images = torch.cat([reference.unsqueeze(2), motion], dim=2)  # (B, 3, R, H, W)
         r = images.shape[2]
         latents = rearrange(self.encode(images), "b c r h w -> (b r) c h w")
         tokens = repeat(face_tokens, "b n d -> (b r) n d", r=r)
         t = torch.zeros(latents.shape[0], device=latents.device, dtype=torch.long)
-        return self.reference_unet(latents, t, tokens, references_per_sample=r)
+        return self.reference_unet(latents, t, face_tokens=tokens, references_per_sample=r)
 
     def conditions(self, batch: dict, audio_tokens: torch.Tensor | None = None) -> Conditions:
         """Conditions from a batch: reference (B,3,H,W), motion (B,3,M,H,W), audio (B,S), masks (B,3,H,W)

@@ -55,7 +55,7 @@ def run_key(cfg: Config) -> str:
     data parameters and the training data (the md5 DVC recorded for data/crops and data/split in dvc.lock,
     which DVC updates before this stage runs; the files' own sha256 outside DVC). New data never resumes
     an old run."""
-    from singer.tracking import data_hash
+    from singer.release.lineage import data_hash
 
     relevant = {"model": cfg.model.model_dump(mode="json"), "crop": cfg.crop.model_dump(mode="json"),
                 "clip": cfg.clip.model_dump(mode="json"),
@@ -73,7 +73,7 @@ def metrics_path(cfg: Config) -> Path:
 
 def face_embeddings(dataset: SingerClipDataset, model_cfg) -> dict[str, np.ndarray]:
     """Identity embedding of every clip's reference frame, computed once (dlib: not in the training graph)."""
-    from singer.models.face import make_face_embedder
+    from singer.faces import make_face_embedder
 
     embedder = make_face_embedder(model_cfg)
     return {cid: embedder.embed(dataset.reference_image(cid), what=f"clip {cid}") for cid in dataset.clip_ids}
@@ -95,8 +95,8 @@ class WithEmbeddings(torch.utils.data.Dataset):
 def sample_video(model, cfg: Config, dataset: SingerClipDataset, embeddings: dict, out: Path, step: int) -> Path:
     """Generate the first `validate_frames` frames of one clip from its reference and audio; write
     ground truth | generated with the audio."""
+    from singer.media.sample_video import write_sample_video
     from singer.pipeline import SingerPipeline
-    from singer.train.media_log import write_sample_video
 
     clip_id = dataset.clip_ids[0]
     frames, audio, reference, masks, _ = dataset._load_frames(clip_id)
@@ -136,8 +136,8 @@ def train(cfg: Config) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
 
-    from singer import tracking
     from singer.models.singer import SingerModel
+    from singer.release import tracking
     from singer.train import check_world_size, want_cpu
     from singer.train.checkpoint import resume, save_checkpoint
     from singer.train.media_log import loss_plot

@@ -91,12 +91,12 @@ def video_landmarks(
     face is found.
 
     Each frame is first enlarged by the integer factor `upsample` with cv2.INTER_CUBIC (None: 1 at
-    >= 96 px, 2 at 48-95 px, 4 below, see `auto_upsample`), then `singer.data.landmarks.detect_landmarks`
+    >= 96 px, 2 at 48-95 px, 4 below, see `auto_upsample`), then `singer.faces.detect_landmarks`
     runs with dlib's own pyramid `upsample_schedule` (the best face with a positive score), and the
     points are mapped back to the original pixel grid with the pixel-centre convention
     x = (x_up + 0.5) / k - 0.5. Sequential: dlib is not thread-safe.
     """
-    from singer.data.landmarks import detect_landmarks
+    from singer.faces import detect_landmarks
 
     video = as_video(frames, "frames")
     t, h, w = video.shape[:3]

@@ -1,6 +1,6 @@
 """Identity similarity to the reference (beyond the paper).
 
-Definition used: dlib's 128-d face descriptor (`singer.models.face.DlibFaceEmbedder`, ResNet on a 150 px
+Definition used: dlib's 128-d face descriptor (`singer.faces.DlibFaceEmbedder`, ResNet on a 150 px
 chip aligned from the 68 landmarks, padding 0.25) of the reference image and of each (optionally
 subsampled) generated frame; landmarks come from `base.video_landmarks` for both (same detector and
 preprocessing), and the frame is embedded at those landmarks; cosine similarity per frame; mean over the
@@ -44,7 +44,7 @@ def identity_similarity(
     generated: (T, H, W, 3) uint8; reference: (H', W', 3) uint8.
     """
     if embedder is None:
-        from singer.models.face import DlibFaceEmbedder
+        from singer.faces import DlibFaceEmbedder
 
         embedder = DlibFaceEmbedder()
     ref = as_video(reference, "reference")[0]

@@ -1,6 +1,6 @@
 """Mouth-opening correlation with ground truth (beyond the paper; the quantity of its Fig. 9 and 10).
 
-Definition used: the mouth-opening curve of a video is `singer.data.landmarks.mouth_opening` per frame
+Definition used: the mouth-opening curve of a video is `singer.faces.mouth_opening` per frame
 (mean inner-lip gap 61-67, 62-66, 63-65 over the inter-ocular distance) of its dlib landmarks
 (`base.video_landmarks`); the metric is Pearson's r between the generated curve and the ground-truth
 curve (from the ground-truth frames' landmarks, or a given truth array such as the synthetic corpus's
@@ -19,7 +19,7 @@ MIN_FRAMES = 3
 
 def opening_curve(landmarks: np.ndarray) -> np.ndarray:
     """(T,) mouth opening per frame (NaN where no face)."""
-    from singer.data.landmarks import mouth_opening
+    from singer.faces import mouth_opening
 
     return np.asarray(mouth_opening(as_landmarks(landmarks)), np.float64).reshape(-1)
 

@@ -17,8 +17,8 @@ Detection (``find_face``), the crop stage's rules on one frame:
   ``ManyFacesError``. Judged by score and size, not by count (DESIGN section 6).
 * The 68 landmarks are fitted on the full-resolution image.
 
-Cropping reuses ``singer.data.crop`` (``crop_geometry`` / ``crop_frame`` / ``to_crop`` / ``make_masks``) on a
-one-frame track, so a portrait is cropped like the reference frame of a training clip.
+Cropping uses ``singer.faces.crop`` (``crop_geometry`` / ``crop_frame`` / ``to_crop``) and ``singer.faces.masks``
+(``make_masks``) on a one-frame track, so a portrait is cropped like the reference frame of a training clip.
 
 Errors are one line each and subclass ``InputError`` (a ``ValueError``): ``NoFaceError``, ``ManyFacesError``,
 and ``InputError`` itself for files that are missing or not images.
@@ -32,8 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
-# one definition of detection, box size and overlap for crops and portraits
-from singer.data.crop import _detect_region, _iou, _side
+from singer.config import CropConfig
+from singer.faces.crop import crop_frame, crop_geometry, to_crop
+from singer.faces.detect import HOG_MIN_FACE, Box, box_side, detect_scaled, iou
+from singer.faces.landmarks import landmarks68
+from singer.faces.masks import make_masks
 
 __all__ = [
     "FaceDetection",
@@ -46,12 +49,9 @@ __all__ = [
     "prepare_reference",
 ]
 
-Box = tuple[float, float, float, float]
-
 MIN_FACE_SCORE = 0.3      # = CropConfig.min_face_score
 SECOND_FACE_RATIO = 0.5   # = CropConfig.second_face_ratio
 DETECT_MAX_SIDE = 320     # = CropConfig.detect_max_side
-HOG_MIN_FACE = 85         # px: the smallest face HOG finds reliably without upsampling (window 80 px)
 MAX_COUNT_SIDE = 1280     # long-side cap of the rescaled image used to count faces
 SAME_FACE_IOU = 0.3       # candidates overlapping the main face this much are the same face
 
@@ -77,7 +77,7 @@ class FaceDetection:
 
     @property
     def side(self) -> float:
-        return _side(self.box)
+        return box_side(self.box)
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
@@ -116,12 +116,6 @@ def as_rgb_uint8(image: np.ndarray, what: str = "the image") -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-def _detect_scaled(image: np.ndarray, scale: float, upsample: int) -> list[tuple[Box, float]]:
-    """HOG on the image rescaled by `scale` (then dlib-upsampled); boxes in source pixels, best first."""
-    h, w = image.shape[:2]
-    return _detect_region(image, 0, 0, w, h, scale, upsample)
-
-
 def find_face(
     image_rgb: np.ndarray,
     what: str = "the image",
@@ -133,34 +127,32 @@ def find_face(
 
     dlib is not thread-safe: call this from one thread per process.
     """
-    from singer.data import landmarks as lmk
-
     image = as_rgb_uint8(image_rgb, what)
     h, w = image.shape[:2]
     scale = min(1.0, detect_max_side / max(h, w))
     faces: list[tuple[Box, float]] = []
     for upsample in (0, 1, 2):
-        faces = [f for f in _detect_scaled(image, scale, upsample) if f[1] >= min_face_score]
+        faces = [f for f in detect_scaled(image, scale, upsample) if f[1] >= min_face_score]
         if faces:
             break
     if not faces:
         raise NoFaceError(f"no face found in {what}")
     box, score = faces[0]
-    side = _side(box)
+    side = box_side(box)
     # Count faces where a face `second_face_ratio` times this one still measures HOG_MIN_FACE pixels.
     target = HOG_MIN_FACE / max(second_face_ratio, 1e-3)
     count_scale = min(target / max(side, 1.0), MAX_COUNT_SIDE / max(h, w))
-    extra = [f for f in _detect_scaled(image, count_scale, 0) if f[1] >= min_face_score]
+    extra = [f for f in detect_scaled(image, count_scale, 0) if f[1] >= min_face_score]
     candidates = sorted(faces + extra, key=lambda f: -f[1])
     others = [f for f in candidates
-              if _iou(f[0], box) < SAME_FACE_IOU and _side(f[0]) >= second_face_ratio * side]
+              if iou(f[0], box) < SAME_FACE_IOU and box_side(f[0]) >= second_face_ratio * side]
     if others:
         o_box, o_score = others[0]
         raise ManyFacesError(
             f"several faces in {what} (another face with score {o_score:.2f}, "
-            f"{_side(o_box) / side:.0%} of the main face's size); use a portrait with one face"
+            f"{box_side(o_box) / side:.0%} of the main face's size); use a portrait with one face"
         )
-    landmarks = lmk.landmarks68(image, box)
+    landmarks = landmarks68(image, box)
     return FaceDetection(box=box, score=float(score), landmarks=landmarks, candidates=candidates)
 
 
@@ -171,9 +163,6 @@ def prepare_reference(
     what: str | None = None,
 ) -> dict:
     """Crop a portrait as the crop stage does: see the module docstring for the returned dict."""
-    from singer.config import CropConfig
-    from singer.data.crop import crop_frame, crop_geometry, make_masks, to_crop
-
     if isinstance(image, (str, os.PathLike)):
         what = what or str(image)
         image = load_image(image)

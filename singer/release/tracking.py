@@ -17,11 +17,11 @@
   a new run being created; hand it to workers with `child_env(run_id)`.
 - Only the main process (accelerate's, else `RANK == 0`) talks to MLflow; on the others `start_run`
   yields None and every `log_*` is a no-op.
-- Params: the flattened config (`flatten(cfg.model_dump(mode="json", by_alias=True))`), never the
-  environment. A key matching `SECRET_KEY_PATTERN` gets the value `***`; credentials inside URLs
-  (`scheme://user:pass@host`) are masked. On a resumed run only the params it does not have yet are logged;
-  a changed value is not re-logged (MLflow forbids it) but listed in the tag `params_changed_on_resume`.
-- Tags: `stage`, `git_commit` (and `mlflow.source.git.commit`), `git_dirty`, `data_hash` (with data_paths).
+- Params: the flattened, scrubbed config (`singer.release.lineage.config_params`), never the environment.
+  On a resumed run only the params it does not have yet are logged; a changed value is not re-logged
+  (MLflow forbids it) but listed in the tag `params_changed_on_resume`.
+- Tags: `stage`, `git_commit` (and `mlflow.source.git.commit`), `git_dirty`, `data_hash` (with data_paths),
+  from `singer.release.lineage`.
 - Robustness: `setup_mlflow` fails clearly on a store it cannot reach. After that, a failing `log_*`
   call warns once per kind and returns False; training goes on. After a failure, metrics are skipped for
   `METRICS_COOLDOWN_S` seconds so that a dead server does not stall every step. `failures()` counts them.
@@ -32,11 +32,9 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import re
-import subprocess
 import time
 import warnings
 from collections import Counter
@@ -44,20 +42,14 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from singer.config import flatten
+from singer.release.lineage import _BAD_KEY_CHARS, config_params, data_hash, git_info, redact_url
 
 if TYPE_CHECKING:
     from singer.config import Config, TrackingConfig
 
 log = logging.getLogger(__name__)
 
-SECRET_KEY_PATTERN = re.compile(
-    r"(secret|password|passwd|token|access_key|credential|api_key|apikey|private_key)", re.IGNORECASE
-)
-_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^/@\s:]*):(?P<pw>[^/@\s]*)@")
-REDACTED = "***"
 METRICS_COOLDOWN_S = 30.0
-_BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 
 
@@ -81,116 +73,6 @@ def is_main_process() -> bool:
         if os.environ.get(var, "").strip():
             return int(os.environ[var]) == 0
     return True
-
-
-def redact_url(text: str) -> str:
-    """`postgresql://user:pw@db/x` -> `postgresql://user:***@db/x`."""
-    return _URL_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", str(text))
-
-
-def scrub_params(params: dict[str, Any]) -> dict[str, Any]:
-    """Mask the values of secret-looking keys and credentials inside URLs."""
-    out = {}
-    for key, value in params.items():
-        if SECRET_KEY_PATTERN.search(str(key)):
-            out[key] = REDACTED
-        elif isinstance(value, str):
-            out[key] = redact_url(value)
-        else:
-            out[key] = value
-    return out
-
-
-def _param_value(value: Any, limit: int) -> str:
-    text = value if isinstance(value, str) else ("None" if value is None else str(value))
-    if len(text) > limit:
-        text = text[: limit - 3] + "..."
-    return text
-
-
-def config_params(cfg: Config) -> dict[str, str]:
-    """The flattened, scrubbed config as MLflow params (keys made valid, values cut to MLflow's limit)."""
-    from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH
-
-    flat = flatten(cfg.model_dump(mode="json", by_alias=True))
-    out: dict[str, str] = {}
-    for key, value in scrub_params(flat).items():
-        name = _BAD_KEY_CHARS.sub("_", str(key))[:MAX_ENTITY_KEY_LENGTH]
-        out[name] = _param_value(value, MAX_PARAM_VAL_LENGTH)
-    return out
-
-
-def _git(*args: str) -> str | None:
-    try:
-        res = subprocess.run(["git", *args], capture_output=True, text=True, timeout=15)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return res.stdout.strip() if res.returncode == 0 else None
-
-
-def git_info() -> dict[str, str]:
-    """{'git_commit': sha or 'unknown', 'git_dirty': 'true'|'false'|'unknown'} of the current directory."""
-    commit = _git("rev-parse", "HEAD")
-    if not commit:
-        return {"git_commit": "unknown", "git_dirty": "unknown"}
-    status = _git("status", "--porcelain", "--untracked-files=no")
-    dirty = "unknown" if status is None else ("true" if status else "false")
-    return {"git_commit": commit, "git_dirty": dirty}
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(4 * 1024 * 1024):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _dvc_lock_md5s(lock: Path) -> dict[str, str]:
-    """path -> md5 of every out and dep recorded in dvc.lock (outs win: they are what a stage produced)."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(lock.read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return {}
-    found: dict[str, str] = {}
-    for stage in (data.get("stages") or {}).values():
-        for kind in ("deps", "outs"):
-            for entry in stage.get(kind) or []:
-                if not (isinstance(entry, dict) and entry.get("path") and entry.get("md5")):
-                    continue
-                key = os.path.normpath(entry["path"])
-                if kind == "outs" or key not in found:
-                    found[key] = str(entry["md5"])
-    return found
-
-
-def data_hash(paths: Iterable[str | os.PathLike], dvc_lock: str | os.PathLike | None = "dvc.lock") -> str:
-    """A sha256 over the given data paths: the md5 DVC recorded for a path in `dvc_lock` when it has one
-    (cheap; paths relative to the lock's folder), else the sha256 of the file or of every file under
-    the folder (relative names included). Missing paths count as 'missing'."""
-    lock = Path(dvc_lock) if dvc_lock else None
-    recorded = _dvc_lock_md5s(lock) if lock is not None and lock.is_file() else {}
-    root = lock.parent.resolve() if lock is not None else Path.cwd()
-    h = hashlib.sha256()
-    for raw in sorted(str(p) for p in paths):
-        path = Path(raw)
-        try:
-            rel = os.path.normpath(os.path.relpath(path.resolve(), root))
-        except ValueError:
-            rel = os.path.normpath(raw)
-        h.update(f"path:{rel}\n".encode())
-        if rel in recorded:
-            h.update(f"dvc-md5:{recorded[rel]}\n".encode())
-        elif path.is_file():
-            h.update(f"sha256:{_sha256_file(path)}\n".encode())
-        elif path.is_dir():
-            for f in sorted(p for p in path.rglob("*") if p.is_file()):
-                h.update(f"{f.relative_to(path).as_posix()}:{_sha256_file(f)}\n".encode())
-        else:
-            h.update(b"missing\n")
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------- setup
@@ -451,12 +333,12 @@ def log_step(metrics: dict[str, Any], step: int) -> bool:
 
 
 def log_checkpoint(path: str | os.PathLike, step: int) -> bool:
-    """A checkpoint folder as artifacts under `checkpoints/step-<step>/` (every one is kept in MLflow)."""
+    """A checkpoint folder as artifacts under `checkpoints/step-<step>/` (every one is kept in MLflow; the name
+    is the one the training loop gives its local folders, `singer.train.checkpoint.step_dir_name`, written out
+    here so that tracking does not import the training package that imports it)."""
     import mlflow
 
-    from singer.train.checkpoint import step_dir_name
-
-    return _guarded("checkpoint", mlflow.log_artifacts, str(path), f"checkpoints/{step_dir_name(step)}")
+    return _guarded("checkpoint", mlflow.log_artifacts, str(path), f"checkpoints/step-{int(step):06d}")
 
 
 def log_artifact(path: str | os.PathLike, artifact_path: str | None = None, kind: str = "artifact") -> bool:
@@ -486,6 +368,13 @@ def log_table(data: Any, artifact_file: str) -> bool:
     if isinstance(data, dict) and not all(isinstance(v, (list, tuple)) for v in data.values()):
         return _guarded("table", mlflow.log_dict, data, artifact_file)
     return _guarded("table", mlflow.log_table, data, artifact_file)
+
+
+def log_tags(tags: dict[str, Any]) -> bool:
+    """Tags on the active run."""
+    import mlflow
+
+    return _guarded("tags", mlflow.set_tags, tags)
 
 
 def log_model_dir(path: str | os.PathLike, artifact_path: str = "model") -> bool:

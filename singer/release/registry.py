@@ -237,7 +237,7 @@ def log_pyfunc(model_dir: str | os.PathLike, name: str = "model"):
 def _client(cfg: Config):
     import mlflow
 
-    from singer.tracking import setup_mlflow
+    from singer.release.tracking import setup_mlflow
 
     setup_mlflow(cfg.tracking)
     return mlflow.MlflowClient()
@@ -249,7 +249,7 @@ def register_model(cfg: Config, model_dir: str | os.PathLike, run_id: str | None
     alias it `challenger` and store `metrics` as version tags. Returns the new version number (a string)."""
     import mlflow
 
-    from singer.tracking import start_run
+    from singer.release.tracking import start_run
 
     name = cfg.tracking.registered_model
     metrics = {metric_key(k): _as_float(v) for k, v in (metrics or {}).items()}

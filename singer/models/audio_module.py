@@ -1,0 +1,169 @@
+"""Hallo's audio module (``AudioTemporalBasicTransformerBlock`` in a ``Transformer3DModel``) and its masks.
+
+Names (Hallo's ``denoising_unet.*.audio_modules.k`` keys)::
+
+    audio_modules.k     AudioModule: norm, proj_in, transformer_blocks.0.{norm1, attn1, norm2, attn2_0/1/2,
+                        zero_conv_full/face/lip, norm3, ff}, proj_out
+
+Each row of the folded batch (``N = B * F``) cross-attends to its own frame's audio tokens; the three
+cross-attentions are weighted by the full (background), face and lip masks (``MASK_NAMES``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import nn
+
+from singer.models.attention import (
+    Attention,
+    FeedForward,
+    fold_tokens,
+    merge_heads,
+    split_heads,
+    unfold_tokens,
+)
+
+__all__ = ["MASK_NAMES", "AudioMasks", "AudioModule", "AudioTransformerBlock", "resize_masks"]
+
+MASK_NAMES = ("full", "face", "lip")  # attn2_0, attn2_1, attn2_2 of the audio modules
+
+
+class AudioMasks(NamedTuple):
+    """The masks of one block resolution, each (N, h*w, 1) in [0, 1], or None (weight 1 everywhere)."""
+
+    full: torch.Tensor | None = None
+    face: torch.Tensor | None = None
+    lip: torch.Tensor | None = None
+
+    def to(self, dtype: torch.dtype) -> AudioMasks:
+        return AudioMasks(*(None if mask is None else mask.to(dtype) for mask in self))
+
+
+def resize_masks(
+    masks: Mapping[str, torch.Tensor | None], batch: int, frames: int, sizes: Sequence[tuple[int, int]]
+) -> dict[tuple[int, int], AudioMasks]:
+    """The masks at every block resolution: ``{(h, w): AudioMasks}`` (float32, frames folded into the batch).
+
+    ``masks``: {"full" (or "pose"), "face", "lip"}, each (B, 1, H, W) (the same for every frame) or
+    (B, F, 1, H, W), any resolution: downscaled with area, upscaled with bilinear interpolation.
+    """
+    base: dict[str, torch.Tensor] = {}
+    for name in MASK_NAMES:
+        mask = masks.get(name)
+        if mask is None and name == "full":
+            mask = masks.get("pose")
+        if mask is None:
+            continue
+        if mask.ndim == 4 and mask.shape[:2] == (batch, 1):
+            mask = repeat(mask, "b 1 h w -> (b f) 1 h w", f=frames)
+        elif mask.ndim == 5 and mask.shape[:3] == (batch, frames, 1):
+            mask = rearrange(mask, "b f 1 h w -> (b f) 1 h w")
+        else:
+            raise ValueError(f"mask {name!r}: expected (B, 1, H, W) or (B, F, 1, H, W), got {tuple(mask.shape)}")
+        base[name] = mask.float()
+    return {size: AudioMasks(*(_resized(base.get(name), size) for name in MASK_NAMES))
+            for size in dict.fromkeys(sizes)}
+
+
+def _resized(mask: torch.Tensor | None, size: tuple[int, int]) -> torch.Tensor | None:
+    """(N, 1, H, W) -> (N, h*w, 1)."""
+    if mask is None:
+        return None
+    h, w = size
+    if tuple(mask.shape[-2:]) != (h, w):
+        if mask.shape[-2] >= h and mask.shape[-1] >= w:
+            mask = F.interpolate(mask, size=(h, w), mode="area")
+        else:
+            mask = F.interpolate(mask, size=(h, w), mode="bilinear", align_corners=False)
+    return rearrange(mask, "n 1 h w -> n (h w) 1")
+
+
+class AudioTransformerBlock(nn.Module):
+    """Hallo's audio block: spatial self-attention, then three per-frame cross-attentions to the audio tokens.
+
+    ``attn2_0`` (weighted by the full/pose mask), ``attn2_1`` (face mask), ``attn2_2`` (lip mask), each followed by
+    its mask and a 1x1 ``zero_conv_*`` (zero-initialised), summed into the residual stream; then ``ff``.
+
+    ``forward(tokens (N, L, C), *, audio_tokens (N, Na, Da), masks: AudioMasks) -> (N, L, C)``.
+    """
+
+    def __init__(self, dim: int, heads: int, audio_dim: int):
+        super().__init__()
+        self.zero_conv_full = nn.Conv2d(dim, dim, 1)
+        self.zero_conv_face = nn.Conv2d(dim, dim, 1)
+        self.zero_conv_lip = nn.Conv2d(dim, dim, 1)
+        self.attn1 = Attention(dim, heads, dim // heads)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn2_0 = Attention(dim, heads, dim // heads, context_dim=audio_dim)
+        self.attn2_1 = Attention(dim, heads, dim // heads, context_dim=audio_dim)
+        self.attn2_2 = Attention(dim, heads, dim // heads, context_dim=audio_dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+        self.norm3 = nn.LayerNorm(dim)
+        for conv in (self.zero_conv_full, self.zero_conv_face, self.zero_conv_lip):
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+
+    def audio_attention(self, x: torch.Tensor, audio_tokens: torch.Tensor) -> list[torch.Tensor]:
+        """The three cross-attention outputs (before masks and zero convs), computed in one SDPA call.
+
+        ``x`` (N, L, C) normed tokens, ``audio_tokens`` (N, Na, Da) the tokens of each row's own frame;
+        returns three (N, L, C).
+        """
+        attns = (self.attn2_0, self.attn2_1, self.attn2_2)
+        heads = 3 * self.attn2_0.heads
+        q = F.linear(x, torch.cat([a.to_q.weight for a in attns]))
+        k = F.linear(audio_tokens, torch.cat([a.to_k.weight for a in attns]))
+        v = F.linear(audio_tokens, torch.cat([a.to_v.weight for a in attns]))
+        out = F.scaled_dot_product_attention(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads))
+        parts = merge_heads(out).chunk(3, dim=-1)
+        return [a.to_out[1](a.to_out[0](p)) for a, p in zip(attns, parts)]
+
+    def forward(self, tokens: torch.Tensor, *, audio_tokens: torch.Tensor, masks: AudioMasks) -> torch.Tensor:
+        tokens = self.attn1(self.norm1(tokens)) + tokens
+        outs = self.audio_attention(self.norm2(tokens), audio_tokens.to(tokens.dtype))
+        convs = (self.zero_conv_full, self.zero_conv_face, self.zero_conv_lip)
+        for out, mask, conv in zip(outs, masks, convs):
+            if mask is not None:
+                out = out * mask.to(out.dtype)
+            tokens = tokens + F.linear(out, conv.weight.flatten(1), conv.bias)  # the 1x1 conv, on tokens
+        return self.ff(self.norm3(tokens)) + tokens
+
+
+class AudioModule(nn.Module):
+    """Hallo's audio module: ``norm`` (GroupNorm), ``proj_in`` (1x1, channels -> inner), one
+    ``AudioTransformerBlock`` at width ``inner``, ``proj_out`` (1x1, inner -> channels), residual.
+
+    Hallo's inner width is not always the block's width: it is the block's input width for the first layer of a
+    down block and the up block's skip-input width for every layer of an up block (e.g. 640 -> 320 -> 640 in
+    ``down_blocks.1.audio_modules.0``); ``singer.models.unet_blocks`` reproduces that.
+
+    ``forward(x (N, C, H, W), *, audio_tokens (N, Na, Da), masks: AudioMasks | None) -> (N, C, H, W)``: the masks
+    are (N, H*W, 1) in [0, 1] (None, or a None mask: weight 1 everywhere).
+
+    ``proj_out`` is zero-initialised here (Hallo's is not), so that together with the zero convs a fresh module
+    is an exact identity; released weights overwrite both.
+    """
+
+    def __init__(self, channels: int, heads: int, audio_dim: int, groups: int, inner: int | None = None):
+        super().__init__()
+        inner = inner or channels
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.proj_in = nn.Conv2d(channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList([AudioTransformerBlock(inner, heads, audio_dim)])
+        self.proj_out = nn.Conv2d(inner, channels, 1)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(
+        self, x: torch.Tensor, *, audio_tokens: torch.Tensor, masks: AudioMasks | None = None
+    ) -> torch.Tensor:
+        _, _, h, w = x.shape
+        tokens = fold_tokens(self.proj_in(self.norm(x)))
+        tokens = self.transformer_blocks[0](tokens, audio_tokens=audio_tokens, masks=masks or AudioMasks())
+        return self.proj_out(unfold_tokens(tokens, h, w)) + x
