@@ -36,7 +36,8 @@ install: $(STAMP)
 #    not read it). Its dependencies are held to the lock's versions; on a machine whose pip finds PyPI's CUDA
 #    build, the CUDA runtime wheels come with it, unlocked.
 # 2. uv at its locked version and hashes, then everything in the lock with uv (hash-checked, no resolution: the
-#    lock is the resolution), then the project itself, editable, built with the locked setuptools.
+#    lock is the resolution; the two sdists in it, face-recognition-models and antlr4-python3-runtime, are built
+#    with the locked setuptools), then the project itself, editable, built with the locked setuptools.
 $(STAMP): $(LOCK) pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || { \
 		echo "error: $(LOCK) is locked for CPython 3.11; $(PYTHON) is $$($(PYTHON) -V 2>&1) (make PYTHON=python3.11 ...)"; exit 1; }
@@ -46,7 +47,7 @@ $(STAMP): $(LOCK) pyproject.toml
 		|| $(PY) -m pip install -q torch==$(TORCH_VERSION) -c $(VENV)/lock-pins.txt 2> >(grep -v "$(PIP_NOISE)" >&2)
 	$(PY) tools/lockfile.py entry uv > $(VENV)/lock-uv.txt
 	$(PY) -m pip install -q --no-deps --require-hashes -r $(VENV)/lock-uv.txt 2> >(grep -v "$(PIP_NOISE)" >&2)
-	$(UV) pip install -q --python $(PY) --no-deps --require-hashes -r $(LOCK)
+	$(UV) pip install -q --python $(PY) --no-deps --require-hashes -r $(LOCK) --build-constraints $(VENV)/lock-pins.txt
 	$(UV) pip install -q --python $(PY) --no-deps --no-build-isolation -e .
 	$(UV) pip check --python $(PY)
 	$(PY) -c "import torch, singer; assert torch.__version__.startswith('$(TORCH_VERSION)'), torch.__version__"
