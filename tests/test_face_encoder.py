@@ -140,7 +140,7 @@ def test_make_face_embedder(tmp_path):
 # ----------------------------------------------------------------------------------------- InsightFace
 def _tiny_arcface(path: Path, sub_mul_first: bool = False, seed: int = 0):
     """Conv1x1(3->8) -> GlobalAveragePool -> Flatten -> MatMul(8x512): 1x3x112x112 -> 1x512."""
-    onnx = pytest.importorskip("onnx", reason="the onnx package builds the test model")
+    import onnx  # the dev extra: it builds the test model
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
@@ -172,7 +172,6 @@ def _tiny_arcface(path: Path, sub_mul_first: bool = False, seed: int = 0):
 
 
 def test_insightface_embedder_with_a_tiny_onnx_model(tmp_path, astronaut):
-    pytest.importorskip("onnxruntime", reason="InsightFaceEmbedder runs models with onnxruntime")
     conv_w, mat = _tiny_arcface(tmp_path / "arc.onnx")
     emb = InsightFaceEmbedder(tmp_path / "arc.onnx")
     assert (emb.input_size, emb.dim, emb.input_mean, emb.input_std) == (112, 512, 127.5, 127.5)
@@ -193,7 +192,6 @@ def test_insightface_embedder_with_a_tiny_onnx_model(tmp_path, astronaut):
 
 
 def test_insightface_graph_that_normalises_itself_gets_raw_pixels(tmp_path, astronaut):
-    pytest.importorskip("onnxruntime", reason="InsightFaceEmbedder runs models with onnxruntime")
     _tiny_arcface(tmp_path / "mx.onnx", sub_mul_first=True)
     _tiny_arcface(tmp_path / "plain.onnx")
     mx = InsightFaceEmbedder(tmp_path / "mx.onnx")
