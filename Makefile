@@ -109,6 +109,7 @@ demo: install
 bench: install
 	$(PY) benchmarks/preprocess.py
 	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/unet_step.py
 	$(PY) benchmarks/generate.py
 	$(PY) benchmarks/evaluate.py
 	$(PY) benchmarks/gpu_paper.py

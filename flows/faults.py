@@ -2,10 +2,11 @@
 
     is_transient("botocore.exceptions.EndpointConnectionError: Could not connect ...")   # True: retry
 
-Transient faults are S3 and network errors (connection refused, timeouts, 503 / SlowDown, the DVC repository
-lock held by another process): the same command may well succeed a little later. Everything else (a Great
-Expectations suite failing, a bad parameter, a missing bucket, wrong keys) is a real failure: retrying it
-only delays the error, so the retry condition says no and the task fails at once with the stderr tail.
+Transient faults are S3 and network errors (connection refused, timeouts, 503 / SlowDown, S3's InternalError,
+the DVC repository lock held by another process): the same command may well succeed a little later. Everything
+else (a Great Expectations suite failing, a bad parameter, a missing bucket, wrong keys) is a real failure:
+retrying it only delays the error, so the retry condition says no and the task fails at once with the stderr
+tail.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ TRANSIENT_PATTERNS: tuple[re.Pattern[str], ...] = tuple(
         r"timed out",
         r"Temporary failure in name resolution",
         r"\bSlowDown\b",
+        r"\bInternalError\b",                      # S3's 500 ("please try again"): a restarting SeaweedFS
         r"\bServiceUnavailable\b",
         r"\bRequestTimeout\b",
         r"\bThrottling(Exception)?\b",

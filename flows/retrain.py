@@ -206,6 +206,13 @@ def pull_new_data(source: str, repo: str) -> dict[str, Any]:
     return {"new": new, "bytes": size, "listed": len(listed)}
 
 
+def pull_with_retries(retries: int, retry_delay_seconds: float):
+    """`pull-new-data` with the flow's S3 retry policy: `retries` more tries on transient faults, waiting
+    retry_delay_seconds * 2**n before retry n+1 (exponential backoff)."""
+    return pull_new_data.with_options(retries=max(0, int(retries)),
+                                      retry_delay_seconds=exponential_backoff(float(retry_delay_seconds)))
+
+
 # ------------------------------------------------------------------------------------- DVC, registry
 
 
@@ -317,9 +324,7 @@ def retrain(
     target_overrides(target, overrides, selected)
     ensure_concurrency_limit()  # the pull's move into data/raw takes the `dvc-repo` slot too
 
-    pull = pull_new_data.with_options(retries=max(0, int(s3_retries)),
-                                      retry_delay_seconds=exponential_backoff(float(s3_retry_delay_seconds)))
-    pulled = pull(source, str(repo))
+    pulled = pull_with_retries(s3_retries, s3_retry_delay_seconds)(source, str(repo))
     if not pulled["new"]:
         message = f"no new data under {source}, nothing to do"
         logger.info(message)

@@ -44,7 +44,11 @@ def _load(params: Path, preset: str | None, overrides: list[str] | None):
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    """One line on stderr, exit 1. Never wrapped at the terminal's width (a wrapped line reads as several to
+    a script) and never read as rich markup (a library's message may hold `[...]`)."""
+    from rich.markup import escape
+
+    console.print(f"[bold red]error:[/] {escape(' '.join(str(message).split()))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=1)
 
 
@@ -275,15 +279,20 @@ def generate(
     progress: bool = typer.Option(True, help="show a progress bar"),
 ) -> None:
     """Turn a portrait and a song into a video of that person singing it."""
+    from rich.markup import escape
+
     from singer.generate import GenerateError, generate_video
+
+    def warn(message: str) -> None:
+        console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
     try:
         info = generate_video(image, audio, output, model, steps=steps, guidance=guidance, seed=seed,
-                              progress=progress, warn=lambda m: console.print(f"[yellow]warning:[/] {m}"))
+                              progress=progress, warn=warn)
     except GenerateError as exc:
         _fail(str(exc))
-    console.print(f"[green]generate[/]: wrote {output} ({info['frames']} frames, {info['seconds']:.1f} s)",
-                  highlight=False)
+    console.print(f"[green]generate[/]: wrote {escape(str(output))} ({info['frames']} frames, "
+                  f"{info['seconds']:.1f} s)", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -3,38 +3,62 @@
     singer generate --image portrait.jpg --audio song.mp3 --output out.mp4 [--model models/full
                     | --model models:/singer@champion] [--steps 25] [--guidance 3.5] [--seed 0]
 
-Every problem a user can cause (missing or unreadable files, no face or several faces, an unwritable output,
-a model folder that is not one) ends in a `GenerateError` with a one-line message; the CLI prints it.
+Every problem a user can cause (missing or unreadable files, audio shorter than a frame, no face or several
+faces, an output path that is a folder or in no folder, a model folder that is not one or is damaged, a
+registry that cannot be reached or has no such model, steps below 1 or a negative guidance) ends in a
+`GenerateError` with a one-line message that says what is wrong and what to do; the CLI prints it. The
+video is written to a temporary name beside the output and renamed into place, so a failed run leaves
+nothing half-written there.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 SAMPLE_RATE = 16000
+FPS = 25  # the shortest song is one frame of it
 
 
 class GenerateError(RuntimeError):
     """A one-line, user-facing reason why generation cannot run."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, or its type's name."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def check_settings(steps: int | None, guidance: float | None) -> None:
+    """`None` means the model's own value; anything given must make sense (0 steps is not 'the default')."""
+    if steps is not None and int(steps) < 1:
+        raise GenerateError(f"--steps must be at least 1, got {steps} (leave it out for the model's default)")
+    if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
+        raise GenerateError(f"--guidance must be a number >= 0, got {guidance} (1 turns guidance off; leave it "
+                            f"out for the model's default)")
+
+
 def check_writable(output: Path) -> None:
     parent = output.resolve().parent
-    if output.exists() and output.is_dir():
-        raise GenerateError(f"cannot write {output}: it is a folder")
+    if output.is_dir():
+        raise GenerateError(f"cannot write {output}: it is a folder; give a file name such as {output / 'out.mp4'}")
     if not parent.is_dir():
-        raise GenerateError(f"cannot write {output}: folder {parent} does not exist")
+        raise GenerateError(f"cannot write {output}: folder {parent} does not exist; create it first")
     try:
         with tempfile.NamedTemporaryFile(dir=parent, prefix=".singer-write-test-"):
             pass
     except OSError as exc:
-        raise GenerateError(f"cannot write {output}: {exc.strerror or exc}") from exc
+        raise GenerateError(f"cannot write {output}: {exc.strerror or exc}; choose a folder you can write to") \
+            from exc
 
 
 def load_song(path: Path) -> tuple[np.ndarray, np.ndarray, int]:
@@ -48,9 +72,56 @@ def load_song(path: Path) -> tuple[np.ndarray, np.ndarray, int]:
         native, rate = read_audio(path, sample_rate=None, mono=True)
     except MediaError as exc:
         raise GenerateError(f"cannot read audio from {path}: {exc}") from exc
-    if len(model_audio) < SAMPLE_RATE // 25:
-        raise GenerateError(f"audio in {path} is shorter than one video frame")
+    if len(model_audio) < SAMPLE_RATE // FPS:
+        raise GenerateError(f"audio in {path} is {1000 * len(model_audio) / SAMPLE_RATE:.0f} ms long, shorter than "
+                            f"one video frame ({1000 // FPS} ms); give a longer song")
     return model_audio, native, rate
+
+
+def _redact(uri: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password is None and parts.username is None:
+        return uri
+    host = parts.hostname or ""
+    return urlunsplit(parts._replace(netloc=f"***@{host}" + (f":{parts.port}" if parts.port else "")))
+
+
+def check_registry(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, in one line, where MLflow would create a store as a side effect (a sqlite file that is
+    not there) or retry for minutes (a server nobody answers at)."""
+    import urllib.error
+    import urllib.request
+
+    hint = "set MLFLOW_TRACKING_URI to the store `singer register` used"
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        if path and path != ":memory:" and not Path(path).is_file():
+            raise GenerateError(f"no MLflow store at {path} (from the tracking URI {uri}); {hint}")
+    elif uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:  # noqa: S310
+                resp.read(64)
+        except urllib.error.HTTPError:
+            return  # it answers; a server without /health still works
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise GenerateError(f"MLflow server {_redact(uri)} is not reachable ({reason}); start it or {hint}") \
+                from exc
+
+
+@contextmanager
+def _quiet(*loggers: str, level: int = logging.WARNING):
+    """Keep libraries' INFO lines (database migrations, downloads) off stderr while the CLI works."""
+    saved = [(logging.getLogger(name), logging.getLogger(name).level) for name in loggers]
+    for logger, _ in saved:
+        logger.setLevel(level)
+    try:
+        yield
+    finally:
+        for logger, old in saved:
+            logger.setLevel(old)
 
 
 def resolve_model(model: str) -> Path:
@@ -58,18 +129,36 @@ def resolve_model(model: str) -> Path:
     if model.startswith("models:/"):
         import mlflow
 
+        uri = mlflow.get_registry_uri()
+        check_registry(uri)
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model))
+            with _quiet("mlflow", "alembic"):
+                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model))
         except Exception as exc:  # MLflow raises many kinds; the message is what the user needs
-            raise GenerateError(f"cannot fetch {model} from MLflow: {str(exc).splitlines()[0]}") from exc
+            raise GenerateError(f"cannot fetch {model} from the MLflow registry at {_redact(uri)}: "
+                                f"{first_line(exc)}; check the name and alias (`singer register`, "
+                                f"`singer release`) or MLFLOW_TRACKING_URI") from exc
     else:
         local = Path(model)
     if not local.exists():
         raise GenerateError(f"model folder {local} does not exist (train one with `singer train`)")
     hits = sorted(local.rglob("model_index.json"))
     if not hits:
-        raise GenerateError(f"{local} holds no SINGER pipeline (no model_index.json)")
+        raise GenerateError(f"{local} holds no SINGER pipeline (no model_index.json); point --model at a folder "
+                            f"that `singer train` wrote, e.g. models/full")
     return hits[0].parent
+
+
+def load_pipeline(folder: Path):
+    """`SingerPipeline.from_pretrained`, with whatever a damaged folder makes diffusers raise (bad JSON, a
+    truncated safetensors file, a missing component) turned into one line."""
+    from singer.pipeline import SingerPipeline
+
+    try:
+        return SingerPipeline.from_pretrained(folder)
+    except Exception as exc:  # OSError, ValueError, SafetensorError, KeyError, ...: all mean "not loadable"
+        raise GenerateError(f"cannot load the model in {folder}: {first_line(exc)}; the folder is damaged or "
+                            f"incomplete: train it again (`singer train`) or fetch it again") from exc
 
 
 def generate_video(image: Path, audio: Path, output: Path, model: str = "models/full", steps: int | None = None,
@@ -78,6 +167,7 @@ def generate_video(image: Path, audio: Path, output: Path, model: str = "models/
     from singer.faces import InputError, load_image, make_face_embedder, prepare_reference
 
     image, audio, output = Path(image), Path(audio), Path(output)
+    check_settings(steps, guidance)
     check_writable(output)
     try:
         portrait = load_image(image)
@@ -91,13 +181,15 @@ def generate_video(image: Path, audio: Path, output: Path, model: str = "models/
     import torch
 
     from singer.media import write_video
-    from singer.pipeline import SingerPipeline
 
     if not progress:
         from diffusers.utils import logging as diffusers_logging
 
         diffusers_logging.disable_progress_bar()
-    pipe = SingerPipeline.from_pretrained(folder)
+    pipe = load_pipeline(folder)
+    most = int(pipe.scheduler.config.num_train_timesteps)
+    if steps is not None and steps > most:
+        raise GenerateError(f"--steps must be at most {most} (the model's training timesteps), got {steps}")
     try:
         reference = prepare_reference(portrait, pipe.resolution)
         embedding = make_face_embedder(pipe.model_cfg).embed(reference["image"], reference["landmarks"])
@@ -111,6 +203,7 @@ def generate_video(image: Path, audio: Path, output: Path, model: str = "models/
                   generator=torch.Generator().manual_seed(seed), progress=progress)
     seconds = len(result.frames) / result.fps
     try:
+        # write_video encodes into a temporary name beside `output` and renames it into place
         write_video(output, result.frames, fps=result.fps, audio=native[: int(round(seconds * rate))],
                     sample_rate=rate)
     except OSError as exc:

@@ -8,7 +8,8 @@
 Long audio is generated in windows of `num_frames`; each window's motion frames are the last `motion_frames`
 generated frames of the previous one (the reference image for the first window). Every denoising step runs
 one batched forward for the conditional and unconditional branches (classifier-free guidance), so MSM is
-evaluated once per step, on that step's z_t.
+evaluated once per step, on that step's z_t: ``v = v_uncond + guidance * (v_cond - v_uncond)``. With
+``guidance_scale == 1`` that is ``v_cond``, so only the conditional branch runs (the same result, half the work).
 """
 
 from __future__ import annotations
@@ -95,7 +96,9 @@ class SingerPipeline(DiffusionPipeline):
         audio: (S,) float 16 kHz mono; face_embedding: (E,) identity embedding of the reference."""
         cfg = self.model_cfg
         model = self.to_model()
-        steps = num_inference_steps or cfg.inference_steps
+        steps = cfg.inference_steps if num_inference_steps is None else int(num_inference_steps)
+        if steps < 1:  # 0 is not "the default" (it used to become it through `or`)
+            raise ValueError(f"num_inference_steps must be at least 1, got {steps}")
         guidance = cfg.guidance_scale if guidance_scale is None else guidance_scale
         device = self.denoising_unet.device
         dtype = self.denoising_unet.dtype
@@ -125,12 +128,11 @@ class SingerPipeline(DiffusionPipeline):
         for k in range(n_windows):
             audio_tokens = self.audio_encoder.project(features[:, k * f:(k + 1) * f])
             cond = model.conditions({**batch, "motion": motion}, audio_tokens=audio_tokens)
-            both = _stack(cond, cond.unconditional())
+            if guidance != 1:  # both branches in one batch, conditional first
+                cond = _stack(cond, cond.unconditional())
             z = torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
             for t in self.scheduler.timesteps:
-                v = model.denoise(torch.cat([z, z]), t.expand(2).to(device), both)
-                v_cond, v_uncond = v.chunk(2)
-                v = v_uncond + guidance * (v_cond - v_uncond)
+                v = _guided(model, z, t.to(device), cond, guidance)
                 z = self.scheduler.step(v, t, z).prev_sample
                 bar.update(1)
             video = decode_video(self.vae, z)                     # (1, 3, F, H, W) in [-1, 1]
@@ -139,6 +141,16 @@ class SingerPipeline(DiffusionPipeline):
                 motion = video[:, :, -m:].to(dtype)
         bar.close()
         return SingerPipelineOutput(frames=np.concatenate(frames)[:total], fps=self.fps)
+
+
+def _guided(model: SingerModel, z: torch.Tensor, t: torch.Tensor, cond: Conditions, guidance: float) -> torch.Tensor:
+    """Classifier-free guidance, ``v_uncond + guidance * (v_cond - v_uncond)``: ``cond`` is
+    ``_stack(conditional, unconditional)``, or the conditional alone when ``guidance == 1`` (then ``v_cond``)."""
+    if guidance == 1:
+        return model.denoise(z, t.expand(z.shape[0]), cond)
+    v = model.denoise(torch.cat([z, z]), t.expand(2 * z.shape[0]), cond)
+    v_cond, v_uncond = v.chunk(2)
+    return v_uncond + guidance * (v_cond - v_uncond)
 
 
 def _stack(a: Conditions, b: Conditions) -> Conditions:

@@ -2,9 +2,13 @@
 
 - `s3_server` (session): a real SeaweedFS S3 server on free 127.0.0.1 ports, with test credentials.
   `s3_server.endpoint_url`, `.access_key`, `.secret_key`, `.client()`, `.env()`; `.stop()` / `.start()`
-  (same ports, same data) or `with s3_server.stopped(): ...` to take it away for a while.
+  (same ports, same data) or `with s3_server.stopped(): ...` to take it away for a while. After a restart,
+  `s3_server.wait_serving(bucket)` before using it again: `start()` returns once ListBuckets answers, but a
+  restarted SeaweedFS refuses reads and writes (InternalError) until its volume server has registered
+  again, which took over 30 s on a loaded machine.
 - `s3_env` (function): the environment pointed at that server (AWS keys, region, SINGER_S3_ENDPOINT_URL,
-  AWS_ENDPOINT_URL_S3, MLFLOW_S3_ENDPOINT_URL); yields the server.
+  AWS_ENDPOINT_URL_S3, MLFLOW_S3_ENDPOINT_URL); yields the server, which has served a put and a get since
+  it was last started (an earlier test may have restarted it).
 - `s3_bucket` (function): a fresh, empty bucket on it; yields its name.
 - Telemetry and network look-ups of the stack are turned off for the whole session (see `QUIET_ENV`).
 """
@@ -12,9 +16,12 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
 
 import pytest
+
+from singer.storage import STOP_TIMEOUT, S3Server
 
 # Before anything imports torch: spinning OpenMP threads make torch 10-40x slower when the two xdist
 # workers share the 2 cores; sleeping threads cost nothing measurable.
@@ -51,12 +58,79 @@ def quiet_env():
         yield
 
 
+# How long a (re)started server may take to serve a put and a get. Seen: over 30 s of InternalError on 2 cores
+# shared with two other test runs; an idle machine needs well under a second.
+S3_SERVING_TIMEOUT_S = 180.0
+
+
+class SessionS3Server(S3Server):
+    """The library's server, plus `wait_serving`: the tests' way to know it works again after a restart."""
+
+    PROBE_BUCKET = "singer-test-probe"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.serving = False  # a put and a get have worked since the last start
+
+    def start(self, background: bool = False):
+        was_running = self.running()
+        info = super().start(background)
+        if not was_running:
+            self.serving = False
+        return info
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        self.serving = False
+        super().stop(timeout)
+
+    def wait_serving(self, bucket: str | None = None, timeout: float = S3_SERVING_TIMEOUT_S,
+                     interval: float = 0.25) -> int:
+        """Put a probe object into `bucket` (default: a bucket of its own), read it back, delete it; repeat
+        until all three work or `timeout` has passed (then fail with the last error and the server's log).
+        Each try makes one request per call, with short timeouts (no boto3 retries). Returns the tries."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        from singer.storage import StorageError, ensure_bucket
+
+        client = self.client(max_attempts=1, connect_timeout=2.0, read_timeout=10.0)
+        key = f"_serving-probe/{uuid.uuid4().hex}"
+        body = uuid.uuid4().bytes
+        deadline = time.monotonic() + timeout
+        tries, last = 0, None
+        while True:
+            tries += 1
+            if not self.running():
+                raise AssertionError(f"the S3 server at {self.endpoint_url} is not running (exit code "
+                                     f"{self.process.returncode if self.process else None}); log:\n{self._log()}")
+            try:
+                if bucket is None:
+                    ensure_bucket(self.PROBE_BUCKET, client=client)
+                target = bucket or self.PROBE_BUCKET
+                client.put_object(Bucket=target, Key=key, Body=body)
+                got = client.get_object(Bucket=target, Key=key)["Body"].read()
+                if got != body:
+                    raise AssertionError(f"read back {got!r} instead of {body!r}")
+                client.delete_object(Bucket=target, Key=key)
+                self.serving = True
+                return tries
+            except (BotoCoreError, ClientError, StorageError, OSError, AssertionError) as exc:
+                last = exc
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"the S3 server at {self.endpoint_url} did not serve a put and a get within "
+                                     f"{timeout:.0f} s ({tries} tries; last: {type(last).__name__}: {last}); "
+                                     f"log:\n{self._log()}")
+            time.sleep(interval)
+
+    def _log(self) -> str:
+        from singer.storage.server_state import _log_tail
+
+        return _log_tail(self.log_file)
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A SeaweedFS S3 server for the session, stopped (and its /tmp sockets removed) at the end."""
-    from singer.storage import S3Server
-
-    server = S3Server(
+    server = SessionS3Server(
         tmp_path_factory.mktemp("s3data"),
         port=0,
         access_key=TEST_ACCESS_KEY,
@@ -75,6 +149,8 @@ def s3_env(s3_server, monkeypatch):
     """Point boto3, DVC, MLflow and singer at the test server for one test."""
     if not s3_server.running():  # a test that stopped it failed before starting it again
         s3_server.start()
+    if not s3_server.serving:  # first use, or (re)started since: wait until it reads and writes
+        s3_server.wait_serving()
     for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
         monkeypatch.delenv(key, raising=False)
     for key, value in s3_server.env().items():

@@ -3,6 +3,7 @@ noise scheduler."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -152,7 +153,15 @@ def test_scheduler_settings(tiny):
         make_scheduler(tiny.model_copy(update={"prediction_type": "epsilon"}))
     assert load_config("params.yaml", preset="paper").model.prediction_type == "v_prediction"  # Hallo's
     assert load_config("params.yaml", preset="tiny").model.prediction_type == "sample"
-    assert make_scheduler(tiny.model_copy(update={"prediction_type": "epsilon"}), zero_snr=False)
+    # epsilon is allowed without zero terminal SNR: the betas as configured, not rescaled, so x_T is not pure noise
+    eps = make_scheduler(tiny.model_copy(update={"prediction_type": "epsilon"}), zero_snr=False)
+    e = eps.config
+    assert (e.prediction_type, e.timestep_spacing, e.rescale_betas_zero_snr, e.clip_sample) == (
+        "epsilon", "leading", False, False)
+    assert (e.beta_start, e.beta_end, e.beta_schedule, e.num_train_timesteps) == (0.00085, 0.012, "linear", 1000)
+    alpha_bar = np.cumprod(1 - np.linspace(0.00085, 0.012, 1000))  # computed here, not by diffusers
+    np.testing.assert_allclose(eps.alphas_cumprod.double().numpy(), alpha_bar, rtol=1e-5)
+    assert float(eps.alphas_cumprod[-1]) > 1e-3
 
 
 def test_one_ddim_step_from_pure_noise_with_the_exact_v_recovers_x0(tiny):

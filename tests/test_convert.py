@@ -1,27 +1,31 @@
 """Checkpoint conversion (singer/models/convert.py) against the key/shape manifests of the released Hallo and SINGER
-files (tests/data/checkpoints, a copy of shared/reference/checkpoints; see its README), and end to end on small random state dicts."""
+files (tests/data/checkpoints, a copy of shared/reference/checkpoints; see its README), and end to end on small
+random checkpoints with the manifests' names and shrunk shapes."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
 from factories import CHECKPOINT_MANIFESTS
-from torch import nn
 
 from singer.config import load_config
 from singer.models import convert
+from singer.models.audio import AudioProjection
 from singer.models.convert import (
     NOT_TRANSFERABLE,
     TARGET_PREFIX,
     convert_files,
     convert_state_dict,
     load_checkpoint,
+    load_state_into,
     map_key,
     skip_reason,
     split_component,
 )
+from singer.models.face import FaceEncoder
 from singer.models.face_locator import FaceLocator
 from singer.models.unet_denoising import DenoisingUNet3D
 from singer.models.unet_reference import ReferenceUNet2D
@@ -38,24 +42,15 @@ def manifest(name: str) -> dict[str, list[int]]:
     return json.loads((MANIFESTS / name).read_text())["params"]
 
 
-class ImageProj(nn.Module):
-    """Stand-in with Hallo's ImageProjModel sizes (the face encoder's projection belongs to another module)."""
-
-    def __init__(self):
-        super().__init__()
-        self.proj = nn.Linear(512, 4 * 768)
-        self.norm = nn.LayerNorm(768)
-
-
-class AudioProj(nn.Module):
-    """Stand-in with Hallo's AudioProjModel sizes."""
-
-    def __init__(self):
-        super().__init__()
-        self.proj1 = nn.Linear(5 * 12 * 768, 512)
-        self.proj2 = nn.Linear(512, 512)
-        self.proj3 = nn.Linear(512, 32 * 768)
-        self.norm = nn.LayerNorm(768)
+def projections(model_cfg, shrink: int = 1):
+    """Our FaceEncoder (Hallo's ImageProjModel) and AudioProjection (Hallo's AudioProjModel) at the config's
+    sizes, every width divided by `shrink`."""
+    image = FaceEncoder(embed_dim=model_cfg.face_embed_dim // shrink, tokens=model_cfg.face_tokens,
+                        cross_attention_dim=model_cfg.cross_attention_dim // shrink)
+    audio = AudioProjection(2 * model_cfg.audio_window + 1, model_cfg.audio_layers,
+                            model_cfg.audio_hidden_size // shrink, model_cfg.audio_proj_dim // shrink,
+                            model_cfg.audio_tokens, model_cfg.cross_attention_dim // shrink)
+    return image, audio
 
 
 @pytest.fixture(scope="module")
@@ -78,15 +73,15 @@ def paper_targets():
             down_block_types=["DownEncoderBlock2D"] * 4,
             up_block_types=["UpDecoderBlock2D"] * 4,
         )
-        w2v = Wav2Vec2Model(Wav2Vec2Config())
-        image_proj, audio_proj = ImageProj(), AudioProj()
+        w2v = Wav2Vec2Model(Wav2Vec2Config())  # wav2vec2-base's config, transformers' names
+        image_proj, audio_proj = projections(cfg)
     targets = {
         "denoising_unet": den.state_dict(),
         "reference_unet": ref.state_dict(),
         "face_locator": loc.state_dict(),
         "vae": vae.state_dict(),
     }
-    # the components other engineers own: our stand-ins placed where TARGET_PREFIX says
+    # the face encoder and the audio encoder's parts, placed where TARGET_PREFIX says
     for prefix, module in (
         (TARGET_PREFIX["imageproj"], image_proj),
         (TARGET_PREFIX["audioproj"], audio_proj),
@@ -177,9 +172,10 @@ def test_hallo_net_covers_our_unets(paper_targets):
             assert missing and all(k.startswith("denoising_unet.sfm.") for k in missing), missing
         else:
             assert not missing, missing
-    # the projections: every key of our stand-ins is covered
-    for prefix, stand_in in ((TARGET_PREFIX["imageproj"], ImageProj), (TARGET_PREFIX["audioproj"], AudioProj)):
-        assert {prefix + k for k in stand_in().state_dict()} <= set(mapped)
+    # the projections: every key of our face encoder and audio projection is covered
+    image, audio = projections(load_config(preset="paper").model)
+    for prefix, module in ((TARGET_PREFIX["imageproj"], image), (TARGET_PREFIX["audioproj"], audio)):
+        assert {prefix + k for k in module.state_dict()} <= set(mapped)
 
 
 def test_motion_module_and_sd15_cover_the_denoising_unet(paper_targets):
@@ -230,67 +226,100 @@ def test_unknown_keys_and_sources():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# end to end on small random tensors
+# end to end on small random tensors named and shaped as the manifests say
+#
+# The fake checkpoints take their key names from the manifests (the released files' names, not ours) and their
+# shapes from the manifests with every width divided by SHRINK (`shrunk`), so they are small. The modules they
+# are loaded into are ours at the paper preset's structure with the same widths divided by SHRINK (`narrow`):
+# loading strictly shows that the names and the shapes match.
+
+SHRINK = 32  # 320 -> 10, 768 -> 24, 1280 -> 40, ...
+
+
+def shrunk(shape: list[int]) -> list[int]:
+    """A manifest shape with the widths divided by SHRINK: every dimension >= 320 (the SD-1.5 and wav2vec2
+    widths and their multiples; kernel sizes, latent channels, the face locator's 16..128 and the 32-frame `pe`
+    tables are smaller) is divided."""
+    return [d // SHRINK if d >= 320 and d % SHRINK == 0 else d for d in shape]
+
+
+def fake_checkpoint(name: str, dtype=torch.float32, seed: int = 0, fill: float | None = None) -> dict:
+    """The manifest's keys with random (or `fill`) tensors of the shrunk shapes."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, shape in manifest(name).items():
+        size = shrunk(shape)
+        out[key] = (torch.full(size, fill) if fill is not None else torch.randn(size, generator=g)).to(dtype)
+    return out
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    cfg = load_config(preset="tiny").model
-    torch.manual_seed(0)
-    den = DenoisingUNet3D.from_model_config(cfg)
-    ref = ReferenceUNet2D.from_model_config(cfg)
-    loc = FaceLocator.from_model_config(cfg)
-    with torch.no_grad():  # give the zero-initialised tensors values, so the round trip is not trivially zeros
-        for module in (den, ref, loc):
-            for p in module.parameters():
-                if torch.count_nonzero(p) == 0:
-                    p.normal_()
-    return cfg, den, ref, loc
+def narrow():
+    """Our paper-preset components with every width divided by SHRINK: {component: module}."""
+    paper = load_config(preset="paper").model
+    cfg = paper.model_copy(update={
+        "block_out_channels": [c // SHRINK for c in paper.block_out_channels],
+        "cross_attention_dim": paper.cross_attention_dim // SHRINK,
+        "attention_head_dim": 2, "motion_num_heads": 2, "norm_num_groups": 10,  # head counts and groups fit
+    })
+    image, audio = projections(paper, shrink=SHRINK)
+    return {
+        "denoising_unet": DenoisingUNet3D.from_model_config(cfg),
+        "reference_unet": ReferenceUNet2D.from_model_config(cfg),
+        "face_locator": FaceLocator.from_model_config(cfg),
+        "face_encoder": image,
+        "audio_encoder.projection": audio,  # the audio encoder's projection (its wav2vec2 is transformers')
+    }
 
 
-def _fresh(tiny):
-    cfg = tiny[0]
-    return (DenoisingUNet3D.from_model_config(cfg), ReferenceUNet2D.from_model_config(cfg),
-            FaceLocator.from_model_config(cfg))
+def _by_module(mapped: dict, modules: dict) -> dict[str, dict]:
+    """Converted {target: tensor} grouped by the module it belongs to (keys inside that module)."""
+    out = {name: {} for name in modules}
+    for target, tensor in mapped.items():
+        owner = next(name for name in modules if target.startswith(name + "."))
+        out[owner][target[len(owner) + 1:]] = tensor
+    return out
 
 
-def _hallo_net(den, ref, loc, dtype=torch.float16):
-    """A Hallo-layout net.pth state dict of our tiny modules (Hallo's prefixes; fp16 like the released file)."""
-    sd = {}
-    for prefix, module in (("reference_unet.", ref), ("denoising_unet.", den), ("face_locator.", loc)):
-        sd.update({prefix + k: v.detach().clone().to(dtype) for k, v in module.state_dict().items()
-                   if not k.startswith("sfm.")})
-    sd["imageproj.proj.weight"] = torch.randn(12, 8).to(dtype)
-    return sd
+def _load_strictly(modules: dict, states: dict) -> None:
+    """Load every state strictly (shapes included); the denoising UNet may lack only SFM (ours, not Hallo's)."""
+    for name, module in modules.items():
+        report = load_state_into(module, states[name])
+        assert not report["unexpected"] and not report["mismatched"], (name, report)
+        missing = report["missing"]
+        if name == "denoising_unet":
+            assert missing and all(k.startswith("sfm.") for k in missing), missing
+        else:
+            assert not missing, (name, missing)
 
 
-def test_convert_state_dict_round_trip(tiny):
-    _, den, ref, loc = tiny
-    mapped, skipped = convert_state_dict("hallo_net", _hallo_net(den, ref, loc, torch.float32))
-    assert not skipped
-    den2, ref2, loc2 = _fresh(tiny)
-    for component, module, original in (("denoising_unet", den2, den), ("reference_unet", ref2, ref),
-                                        ("face_locator", loc2, loc)):
-        state = {split_component(k)[1]: v for k, v in mapped.items() if split_component(k)[0] == component}
-        if component == "denoising_unet":  # SFM is ours, not Hallo's: the only keys a Hallo file lacks
-            missing, unexpected = module.load_state_dict(state, strict=False)
-            assert not unexpected and missing and all(k.startswith("sfm.") for k in missing)
-            state.update({k: v for k, v in original.state_dict().items() if k.startswith("sfm.")})
-        module.load_state_dict(state, strict=True)
-        a, b = original.state_dict(), module.state_dict()
-        assert all(torch.equal(a[k], b[k]) for k in a)
-    assert mapped["face_encoder.proj.weight"].shape == (12, 8)
+def _loaded(modules: dict) -> dict[str, torch.Tensor]:
+    """Every module's state under our target keys (``<module name>.<key>``)."""
+    return {f"{name}.{k}": v for name, module in modules.items() for k, v in module.state_dict().items()}
 
 
-def test_fp16_is_cast(tiny):
-    _, den, ref, loc = tiny
-    mapped, _ = convert_state_dict("hallo_net", _hallo_net(den, ref, loc))
-    assert all(t.dtype == torch.float32 for t in mapped.values())
-    kept, _ = convert_state_dict("hallo_net", _hallo_net(den, ref, loc), dtype=None)
-    assert all(t.dtype == torch.float16 for t in kept.values())
-    w = den.state_dict()["conv_in.weight"]
-    assert torch.equal(mapped["denoising_unet.conv_in.weight"], w.half().float())
-    assert (mapped["denoising_unet.conv_in.weight"] - w).abs().max() < 1e-2
+def test_hallo_net_round_trip(narrow):
+    """Hallo's net.pth keys (and shapes) land in our modules; every value arrives unchanged where it should."""
+    fake = fake_checkpoint("hallo_net.pth.json")
+    mapped, skipped = convert_state_dict("hallo_net", fake)
+    assert not skipped and len(mapped) == len(fake)
+    modules = {name: copy.deepcopy(module) for name, module in narrow.items()}
+    _load_strictly(modules, _by_module(mapped, modules))
+    loaded = _loaded(modules)
+    for key, tensor in fake.items():
+        target = map_key("hallo_net", key)
+        assert torch.equal(mapped[target], tensor) and torch.equal(loaded[target], tensor), key
+
+
+def test_fp16_is_cast():
+    fake = fake_checkpoint("hallo_net.pth.json", dtype=torch.float16)
+    mapped, _ = convert_state_dict("hallo_net", fake)
+    kept, _ = convert_state_dict("hallo_net", fake, dtype=None)
+    assert mapped.keys() == kept.keys() and len(mapped) == len(fake)
+    for key, tensor in fake.items():
+        target = map_key("hallo_net", key)
+        assert mapped[target].dtype == torch.float32 and torch.equal(mapped[target], tensor.float()), key
+        assert kept[target].dtype == torch.float16 and torch.equal(kept[target], tensor), key
 
 
 def test_load_checkpoint_formats(tmp_path):
@@ -308,27 +337,24 @@ def test_load_checkpoint_formats(tmp_path):
         load_checkpoint(tmp_path / "missing.pth")
 
 
-def test_convert_files_end_to_end(tmp_path, tiny):
-    """A fake pretrained_models/ in Hallo's layout (tiny sizes, Hallo's names and dtypes) -> per-component
-    safetensors that load into fresh modules; precedence SD-1.5 < motion module < net.pth."""
+def test_convert_files_end_to_end(tmp_path, narrow):
+    """A fake pretrained_models/ in Hallo's layout (the manifests' names, shrunk shapes, Hallo's dtypes) ->
+    per-component safetensors that load strictly into our modules; net.pth wins over SD-1.5 and the motion
+    module, and without it SD-1.5 + the motion module leave only the audio modules and SFM uninitialised."""
     from safetensors.torch import load_file, save_file
     from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
 
-    _, den, ref, loc = tiny
     root = tmp_path / "pretrained_models"
-    # SD-1.5 unet: the reference UNet's keys + an output head (a 2D UNet's names), different values
-    sd15 = {k: torch.full_like(v, 0.5) for k, v in ref.state_dict().items()}
-    sd15.update({k: torch.full_like(v, 0.5) for k, v in den.state_dict().items() if k.startswith("conv_")})
+    sd15 = fake_checkpoint("sd15_unet_diffusion_pytorch_model.json", fill=0.5)
     (root / "stable-diffusion-v1-5" / "unet").mkdir(parents=True)
     save_file(sd15, str(root / "stable-diffusion-v1-5" / "unet" / "diffusion_pytorch_model.safetensors"))
-    # motion module: a plain dict of the motion-module keys
-    mm = {k: torch.full_like(v, 0.25) for k, v in den.state_dict().items() if ".motion_modules." in k}
+    mm = fake_checkpoint("motion_module_mm_sd_v15_v2.ckpt.json", fill=0.25)  # a plain dict, no prefix
     (root / "motion_module").mkdir()
     torch.save(mm, root / "motion_module" / "mm_sd_v15_v2.ckpt")
-    # Hallo net.pth (fp16), overriding both
+    net = fake_checkpoint("hallo_net.pth.json", dtype=torch.float16, seed=1)  # fp16 like the released file
     (root / "hallo").mkdir()
-    torch.save(_hallo_net(den, ref, loc), root / "hallo" / "net.pth")
-    # wav2vec2 (a CTC checkpoint with old weight-norm names, like the released one)
+    torch.save(net, root / "hallo" / "net.pth")
+    # wav2vec2: a small CTC checkpoint with transformers' names, stored under the file's old weight-norm names
     w2v_cfg = Wav2Vec2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                               conv_dim=(8, 8), conv_kernel=(10, 3), conv_stride=(5, 2), num_conv_pos_embeddings=4,
                               num_conv_pos_embedding_groups=2, vocab_size=6)
@@ -340,6 +366,11 @@ def test_convert_files_end_to_end(tmp_path, tiny):
             ".parametrizations.weight.original1", ".weight_v")
         if k != "wav2vec2.masked_spec_embed":
             w2v_sd[k] = v
+    # the same naming as the manifest of the released file (the small file has fewer layers)
+    layer0 = {k.replace(".layers.0.", ".layers.#.").replace(".conv_layers.1.", ".conv_layers.#.")
+              for k in manifest("wav2vec2_base_960h.json")}
+    assert {k.replace(".layers.0.", ".layers.#.").replace(".conv_layers.1.", ".conv_layers.#.")
+            for k in w2v_sd} <= layer0
     (root / "wav2vec" / "wav2vec2-base-960h").mkdir(parents=True)
     save_file(w2v_sd, str(root / "wav2vec" / "wav2vec2-base-960h" / "model.safetensors"))
 
@@ -351,28 +382,27 @@ def test_convert_files_end_to_end(tmp_path, tiny):
         "sd15_unet", "sd15_reference_unet", "motion_module", "hallo_net", "wav2vec2"}
     assert set(report["sources"]["sd15_reference_unet"]["skipped"]) == {
         "conv_norm_out.weight", "conv_norm_out.bias", "conv_out.weight", "conv_out.bias"}
-    hallo_keys = len([k for k in den.state_dict() if not k.startswith("sfm.")])
-    assert report["components"]["denoising_unet"]["from_sources"] == {"hallo_net": hallo_keys}  # net.pth won
-    assert report["sources"]["hallo_net"]["overrode"] > 0
+    n_den = sum(k.startswith("denoising_unet.") for k in net)
+    assert report["components"]["denoising_unet"]["from_sources"] == {"hallo_net": n_den} == {"hallo_net": 1946}
+    assert report["components"]["reference_unet"]["from_sources"] == {"hallo_net": 682}
+    # net.pth overrode every SD-1.5 key (in both UNets) and every motion-module key
+    assert report["sources"]["hallo_net"]["overrode"] == len(sd15) + (len(sd15) - 4) + len(mm)
     assert not report["sources"]["sd_vae"]["found"]
 
-    den2, ref2, loc2 = _fresh(tiny)
-    state = load_file(str(out / "denoising_unet.safetensors"))
-    missing, unexpected = den2.load_state_dict(state, strict=False)
-    assert not unexpected and all(k.startswith("sfm.") for k in missing)
-    ref2.load_state_dict(load_file(str(out / "reference_unet.safetensors")), strict=True)
-    loc2.load_state_dict(load_file(str(out / "face_locator.safetensors")), strict=True)
-    for a, b in ((den, den2), (ref, ref2), (loc, loc2)):
-        sa, sb = a.state_dict(), b.state_dict()
-        for k in sa:
-            if not k.startswith("sfm."):
-                assert torch.equal(sb[k], sa[k].half().float()), k  # net.pth won (fp16 -> fp32)
+    files = {name: load_file(str(out / f"{name.split('.')[0]}.safetensors")) for name in narrow}
+    states = {name: ({k[len("projection."):]: v for k, v in files[name].items() if k.startswith("projection.")}
+                     if name == "audio_encoder.projection" else files[name]) for name in narrow}
+    modules = {name: copy.deepcopy(module) for name, module in narrow.items()}
+    _load_strictly(modules, states)
+    loaded = _loaded(modules)
+    for key, tensor in net.items():  # net.pth won everywhere (fp16 -> fp32)
+        assert torch.equal(loaded[map_key("hallo_net", key)], tensor.float()), key
 
     from transformers import Wav2Vec2Model
 
     model = Wav2Vec2Model(w2v_cfg).eval()
     ctc.eval()
-    audio = load_file(str(out / "audio_encoder.safetensors"))
+    audio = files["audio_encoder.projection"]  # the whole audio_encoder file
     inner = split_component(TARGET_PREFIX["wav2vec2"])[1]
     w2v_state = {k[len(inner):]: v for k, v in audio.items() if k.startswith(inner)}
     missing, unexpected = model.load_state_dict(w2v_state, strict=False)
@@ -380,6 +410,20 @@ def test_convert_files_end_to_end(tmp_path, tiny):
     x = torch.randn(1, 400)
     with torch.no_grad():
         assert torch.allclose(model(x).last_hidden_state, ctc.wav2vec2(x).last_hidden_state, atol=1e-5)
+
+    # without net.pth: SD-1.5 and the motion module initialise all but the audio modules and SFM (Hallo's stage 2)
+    (root / "hallo" / "net.pth").unlink()
+    report = convert_files(root, tmp_path / "stage2")
+    assert report["components"]["denoising_unet"]["from_sources"] == {"sd15_unet": len(sd15),
+                                                                      "motion_module": len(mm)}
+    den = copy.deepcopy(narrow["denoising_unet"])
+    result = load_state_into(den, load_file(str(tmp_path / "stage2" / "denoising_unet.safetensors")))
+    assert not result["unexpected"] and not result["mismatched"]
+    assert result["missing"] and all(".audio_modules." in k or k.startswith("sfm.") for k in result["missing"])
+    assert {k for k in den.state_dict() if ".audio_modules." in k} <= set(result["missing"])
+    state = den.state_dict()
+    assert all(torch.equal(state[k], torch.full_like(state[k], 0.5)) for k in sd15)
+    assert all(torch.equal(state[k], torch.full_like(state[k], 0.25)) for k in mm)
 
 
 def test_sources_table_is_consistent():
@@ -389,11 +433,10 @@ def test_sources_table_is_consistent():
         assert prefix.endswith(".")
 
 
-def test_load_state_into(tiny):
-    from singer.models.convert import load_state_into
-
-    cfg, den, _, _ = tiny
-    short = DenoisingUNet3D.from_model_config(cfg, motion_max_len=12)
+def test_load_state_into(narrow):
+    den = narrow["denoising_unet"]
+    config = {k: v for k, v in den.config.items() if not k.startswith("_")}
+    short = DenoisingUNet3D(**{**config, "motion_max_len": 12})
     state = dict(den.state_dict())
     state["not_ours.weight"] = torch.zeros(1)
     state["conv_in.bias"] = torch.zeros(3)

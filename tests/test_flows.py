@@ -106,6 +106,9 @@ def test_bad_overrides_are_refused_and_leave_params_alone(params, overrides, mes
     "botocore.exceptions.ReadTimeoutError: Read timeout on endpoint URL",
     "An error occurred (SlowDown) when calling the PutObject operation: Please reduce your request rate.",
     "An error occurred (503) when calling the HeadObject operation: Service Unavailable",
+    # what a restarted SeaweedFS answers until its volume server is back (S3 says: try again)
+    "An error occurred (InternalError) when calling the PutObject operation: We encountered an internal error",
+    "downloading s3://singer/raw/a.mp4 failed: InternalError: We encountered an internal error. Please try again.",
     "ERROR: failed to push data to the cloud - 503 Service Unavailable",
     "ERROR: Unable to acquire lock. Most likely another DVC process is running",
 ])

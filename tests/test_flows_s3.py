@@ -1,8 +1,9 @@
 """The `singer-retrain` flow's S3 side against the real SeaweedFS server of the `s3_server` fixture.
 
 - What counts as new (ledger by URI + ETag, videos and sidecars only, the prefix taken as a folder).
-- An outage while the pull starts: the server comes back a few seconds later, the task's retries (exponential
-  backoff) recover and the files land in data/raw.
+- An outage while the pull starts: the server is started again once the task has been retried twice, and a
+  download refused with InternalError after the restart is retried too; the retries the task logged follow
+  the exponential backoff, and the files land in data/raw.
 - An outage in the middle of the download that lasts: the flow fails naming the endpoint and the error, and
   data/raw holds nothing of the pull (no partial file, no temporary folder).
 - Nothing new: the flow says "no new data under s3://..., nothing to do" and runs no stage.
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,10 +27,9 @@ from pathlib import Path
 import prefect_harness
 import pytest
 from prefect import flow
-from prefect.tasks import exponential_backoff
 from prefect_harness import finished_task_runs, latest_artifact
 
-from flows.retrain import find_new_objects, pull_new_data, read_ledger, retrain, write_ledger
+from flows.retrain import find_new_objects, pull_with_retries, read_ledger, retrain, write_ledger
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -39,8 +41,8 @@ prefect_api = prefect_harness.prefect_api
 
 @flow(name="pull-only")
 def pull_only(source: str, repo: str, retries: int, delay: float) -> dict:
-    """The retrain flow's first task alone, with test-sized retry delays."""
-    return pull_new_data.with_options(retries=retries, retry_delay_seconds=exponential_backoff(delay))(source, repo)
+    """The retrain flow's first task alone, with its retry policy at test-sized delays."""
+    return pull_with_retries(retries, delay)(source, repo)
 
 
 @pytest.fixture
@@ -112,30 +114,99 @@ def test_ledger_round_trip(tmp_path):
 # ------------------------------------------------------------------------------------------- outages
 
 
+class _Records(logging.Handler):
+    """The log records of a logger, kept (Prefect's task-run logger sends its own to the API only)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+RETRY_LOG = re.compile(r"Task run failed with exception: (?P<error>.*) - Retry (?P<n>\d+)/(?P<of>\d+) will start "
+                       r"(?P<delay>[\d.]+) second\(s\) from now")
+
+
 @pytest.mark.slow
-def test_pull_recovers_when_s3_comes_back(repo, incoming, s3_server, prefect_api):
-    s3_server.stop()
-    t0 = time.monotonic()
-    # the flow in a thread, the restart from this one: the server is started with PR_SET_PDEATHSIG, which
-    # fires when the *thread* that started it ends, so a short-lived restart thread would take it down again
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        # 8 retries wait up to 0.5 + 1 + ... + 64 s: a restarted SeaweedFS answers InternalError until its
-        # volume server has registered again, which took over 30 s on 2 cores shared with 3 other jobs
-        running = pool.submit(pull_only, incoming, str(repo), retries=8, delay=0.5, return_state=True)
+def test_pull_recovers_when_s3_comes_back(repo, incoming, s3_server, prefect_api, monkeypatch):
+    """The server is down when the pull starts and is started once the task has failed (and been retried)
+    twice; the first download after that is refused with InternalError, as a restarted SeaweedFS does on a
+    loaded machine. Each failure is retried after the exponential backoff (0.5, 1, 2, ... s), and the files land.
+    Checked from what the flow did (its retry log, the attempts it made), not from how long the test took."""
+    from singer import storage
+
+    attempts: list[dict] = []  # one per try of the task: when it listed the prefix, and how that went
+
+    def listing(*args, **kwargs):
+        attempt = {"t": time.time(), "error": None}
+        attempts.append(attempt)
         try:
-            time.sleep(4.0)  # back a few seconds into the pull's retries
-        finally:
-            s3_server.start()
-        state = running.result(timeout=300)
+            return real_list(*args, **kwargs)
+        except Exception as exc:
+            attempt["error"] = str(exc)
+            raise
+
+    refused = []
+
+    def download_refused_once_after_the_restart(uri, *args, **kwargs):
+        if not refused:
+            refused.append(uri)
+            raise storage.StorageError(f"downloading {uri} failed: InternalError: We encountered an internal "
+                                       "error. Please try again.")
+        return real_download(uri, *args, **kwargs)
+
+    real_list, real_download = storage.list_objects, storage.download_prefix
+    monkeypatch.setattr(storage, "list_objects", listing)
+    task_log = _Records()
+    logging.getLogger("prefect.task_runs").addHandler(task_log)
+
+    def retries() -> list[tuple[logging.LogRecord, re.Match]]:
+        found = [(r, RETRY_LOG.search(r.getMessage())) for r in list(task_log.records)]
+        return [(r, m) for r, m in found if m]
+
+    s3_server.stop()
+    try:
+        # the flow in a thread, the restart from this one: the server is started with PR_SET_PDEATHSIG, which
+        # fires when the *thread* that started it ends, so a short-lived restart thread would take it down again
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            running = pool.submit(pull_only, incoming, str(repo), retries=8, delay=0.5, return_state=True)
+            try:
+                prefect_harness.wait_for(lambda: len(retries()) >= 2 or running.done(), timeout=120,
+                                         what="two retries of the pull while S3 is down")
+            finally:
+                monkeypatch.setattr(storage, "download_prefix", download_refused_once_after_the_restart)
+                launched = time.time()
+                s3_server.start()
+            state = running.result(timeout=300)
+    finally:
+        logging.getLogger("prefect.task_runs").removeHandler(task_log)
+
     assert state.is_completed(), state.message
     result = state.result()
     assert sorted(Path(o["path"]).relative_to("data/raw").as_posix() for o in result["new"]) == EXPECTED
     assert _files(repo / "data/raw") == EXPECTED
     assert (repo / "data/raw/bob/song.mov").read_bytes() == VIDEO[::-1]
     assert not list((repo / "data").glob(".retrain-*"))
+
+    # what was tried: down while the server was down, refused once after it came back, then done
+    logged = retries()
     runs = finished_task_runs(state.state_details.flow_run_id, {"pull-new-data"})
-    assert runs["pull-new-data"].run_count > 1, "the pull should have needed its retries"
-    assert time.monotonic() - t0 >= 4.0
+    assert runs["pull-new-data"].run_count == len(attempts) == len(logged) + 1 >= 4, (attempts, logged)
+    before = [a for a in attempts if a["t"] < launched]
+    assert len(before) >= 2 and all("Could not connect to the endpoint URL" in (a["error"] or "") for a in before)
+    assert attempts[-1]["error"] is None and attempts[-1]["t"] > launched
+    assert refused == [f"{incoming}/alice/take1.mp4"]
+    errors = [m["error"] for _, m in logged]  # every failure the task logged was retried
+    assert all(f"pulling new data from {incoming} (S3 endpoint {s3_server.endpoint_url}) failed" in e for e in errors)
+    assert all("Could not connect to the endpoint URL" in e for e in errors[:len(before)]), errors
+    assert sum(f"downloading {refused[0]} failed: InternalError" in e for e in errors) == 1, errors
+    # retry n of 8 waits 0.5 * 2**(n-1) s (exponential_backoff(0.5)), and the next try starts no earlier
+    assert [(int(m["n"]), int(m["of"]), float(m["delay"])) for _, m in logged] == [
+        (n, 8, 0.5 * 2 ** (n - 1)) for n in range(1, len(logged) + 1)]
+    for (record, m), following in zip(logged, attempts[1:], strict=True):
+        assert following["t"] >= record.created + float(m["delay"]) - 0.1, (record.created, m["delay"], following)
 
 
 @pytest.mark.slow

@@ -1,6 +1,11 @@
 """`singer generate`: a playable mp4 with the right frames and an audio stream; every bad input a user can
-give ends in one line on stderr and exit code 1, never a traceback."""
+give ends in exactly one line on stderr and exit code 1, never a traceback, and nothing at the output path."""
 
+import os
+import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +19,8 @@ from typer.testing import CliRunner
 from singer.cli import app
 from singer.config import load_config
 from singer.media import probe
+
+BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
@@ -41,15 +48,82 @@ def inputs(tmp_path_factory):
     sf.write(d / "mono48k.flac", np.interp(np.arange(int(48000 * 0.6)) / 48000, t, song), 48000)
     write_mp3(d / "song22k.mp3", song[::2].astype(np.float32), 22050)
     sf.write(d / "silent.wav", np.zeros(8000), 16000)
+    sf.write(d / "short.wav", 0.3 * np.sin(np.arange(320) / 5), 16000)  # 20 ms: half a 25 fps frame
     return d
+
+
+@pytest.fixture(scope="module")
+def broken_models(model_dir, tmp_path_factory):
+    """Folders that look like models and are not: no model_index.json; a model_index.json that is not JSON;
+    a component's weights cut off (a download or copy that stopped half-way)."""
+    root = tmp_path_factory.mktemp("broken")
+    (root / "no_index").mkdir()
+    (root / "no_index" / "weights.safetensors").write_bytes(b"\0" * 64)
+    bad_json = root / "bad_json"
+    shutil.copytree(model_dir, bad_json)
+    (bad_json / "model_index.json").write_text('{"_class_name": "SingerPipeline", ')
+    truncated = root / "truncated"
+    shutil.copytree(model_dir, truncated)
+    weights = truncated / "msm" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    return root
+
+
+@pytest.fixture(scope="module")
+def empty_registry(tmp_path_factory):
+    """A real MLflow sqlite store with its tables and no registered model."""
+    import mlflow
+
+    db = tmp_path_factory.mktemp("mlflow") / "empty.db"
+    uri = f"sqlite:///{db}"
+    mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri).search_registered_models()
+    assert db.is_file()
+    return uri
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound, read, released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """Point MLflow (tracking and registry) at a URI for one test, whatever an earlier test set in-process."""
+    import mlflow.tracking._model_registry.utils as registry_utils
+    import mlflow.tracking._tracking_service.utils as tracking_utils
+
+    def use(uri: str) -> None:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+        monkeypatch.setattr(tracking_utils, "_tracking_uri", None)
+        monkeypatch.setattr(registry_utils, "_registry_uri", None)
+
+    return use
 
 
 def write_mp3(path: Path, audio: np.ndarray, rate: int) -> None:
     audio_file(path, audio, rate, codec="libmp3lame", fmt=None, frame_size=1152)
 
 
-def run(*args):
-    return CliRunner().invoke(app, ["generate", *map(str, args), "--steps", "1", "--no-progress"])
+def run(*args, steps="1"):
+    extra = ["--steps", str(steps)] if steps is not None else []
+    return CliRunner().invoke(app, ["generate", *map(str, args), *extra, "--no-progress"])
+
+
+def assert_one_line_error(result, expected: str) -> str:
+    """Exit 1 through a clean exit (not an uncaught exception), exactly one non-empty line on stderr, nothing
+    on stdout, no traceback anywhere; the line says `expected`. Returns the line."""
+    everything = result.stdout + result.stderr
+    assert result.exit_code == 1, everything
+    assert isinstance(result.exception, SystemExit), repr(result.exception)  # CliRunner keeps an uncaught one
+    assert "Traceback" not in everything
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert result.stdout.strip() == ""
+    assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
+    return lines[0]
 
 
 @pytest.mark.parametrize("song", ["stereo44k.wav", "mono48k.flac", "song22k.mp3"])
@@ -61,6 +135,8 @@ def test_generate_writes_a_playable_video_with_audio(song, inputs, model_dir, tm
     seconds = 0.6
     assert info.n_frames == round(seconds * 25) and info.width == info.height == 64
     assert info.has_audio and abs(info.duration_s - seconds) < 0.1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4"]  # no temporary left beside it
+    assert result.stderr.strip() == f"generate: wrote {out} (15 frames, 0.6 s)"  # one line, however long
 
 
 def test_silent_audio_warns_and_still_generates(inputs, model_dir, tmp_path):
@@ -70,18 +146,39 @@ def test_silent_audio_warns_and_still_generates(inputs, model_dir, tmp_path):
     assert probe(tmp_path / "o.mp4").n_frames == 12
 
 
-@pytest.mark.parametrize("case, expected", [
+BAD_INPUTS = [
     ("missing_image", "image file not found"),
     ("text_image", "as an image"),
     ("two_faces", "several faces"),
     ("no_face", "no face found"),
     ("missing_audio", "does not exist"),
     ("image_as_audio", "no audio stream"),
-    ("unwritable", "cannot write"),
+    ("short_audio", "shorter than one video frame (40 ms)"),
+    ("unwritable", "does not exist; create it first"),
+    ("output_is_folder", "it is a folder"),
     ("no_model", "model folder"),
-])
-def test_bad_input_gives_one_line(case, expected, inputs, model_dir, tmp_path):
+    ("no_model_index", "no model_index.json"),
+    ("bad_model_index", "is not a valid JSON file"),
+    ("truncated_weights", "Unable to load weights"),
+    ("registry_no_store", "no MLflow store at"),
+    ("registry_empty", "Registered Model with name=singer not found"),
+    ("registry_unreachable", "is not reachable"),
+    ("steps_zero", "--steps must be at least 1, got 0"),
+    ("steps_negative", "--steps must be at least 1, got -3"),
+    ("steps_too_many", "--steps must be at most 1000"),
+    ("guidance_negative", "--guidance must be a number >= 0, got -1.0"),
+    ("guidance_nan", "--guidance must be a number >= 0, got nan"),
+]
+
+
+BROKEN = {"no_model_index": "no_index", "bad_model_index": "bad_json", "truncated_weights": "truncated"}
+
+
+@pytest.mark.parametrize("case, expected", BAD_INPUTS, ids=[c for c, _ in BAD_INPUTS])
+def test_bad_input_gives_one_line(case, expected, inputs, model_dir, broken_models, empty_registry, registry,
+                                  tmp_path):
     image, audio, output, model = inputs / "portrait.jpg", inputs / "stereo44k.wav", tmp_path / "o.mp4", model_dir
+    extra, steps = [], "1"
     if case == "missing_image":
         image = inputs / "nope.jpg"
     elif case == "text_image":
@@ -94,15 +191,114 @@ def test_bad_input_gives_one_line(case, expected, inputs, model_dir, tmp_path):
         audio = inputs / "nope.wav"
     elif case == "image_as_audio":
         audio = inputs / "portrait.jpg"
+    elif case == "short_audio":
+        audio = inputs / "short.wav"
     elif case == "unwritable":
         output = tmp_path / "missing-folder" / "o.mp4"
+    elif case == "output_is_folder":
+        output = tmp_path / "videos"
+        output.mkdir()
     elif case == "no_model":
         model = tmp_path / "no-model"
-    result = run("--image", image, "--audio", audio, "--output", output, "--model", model)
-    assert result.exit_code == 1
-    assert isinstance(result.exception, SystemExit)  # a clean exit, not an uncaught error
-    assert expected in " ".join(result.output.split())
-    assert not output.exists()
+    elif case in BROKEN:
+        model = broken_models / BROKEN[case]
+    elif case.startswith("registry_"):
+        model = "models:/singer@champion"
+        registry({"registry_no_store": f"sqlite:///{tmp_path / 'nowhere.db'}", "registry_empty": empty_registry,
+                  "registry_unreachable": f"http://127.0.0.1:{free_port()}"}[case])
+    elif case == "steps_zero":
+        steps = "0"
+    elif case == "steps_negative":
+        steps = "-3"
+    elif case == "steps_too_many":
+        steps = "1001"
+    elif case == "guidance_negative":
+        extra = ["--guidance", "-1"]
+    elif case == "guidance_nan":
+        extra = ["--guidance", "nan"]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = run("--image", image, "--audio", audio, "--output", output, "--model", model, *extra, steps=steps)
+    assert_one_line_error(result, expected)
+    if case == "output_is_folder":
+        assert output.is_dir() and not any(output.iterdir())
+    else:
+        assert not output.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no temporary, no sqlite store made on the way
+
+
+def test_a_failed_write_leaves_the_previous_video_and_no_temporary(inputs, model_dir, tmp_path, monkeypatch):
+    """The encoder dies after the frames are written (a full disk, say): the old video at the output path is
+    untouched and the half-written one is gone."""
+    import singer.media.video as video
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    out = tmp_path / "out.mp4"
+    out.write_bytes(b"the previous video")
+    monkeypatch.setattr(video, "_encode_audio", full_disk)
+    result = run("--image", inputs / "portrait.jpg", "--audio", inputs / "stereo44k.wav", "--output", out,
+                 "--model", model_dir)
+    assert_one_line_error(result, f"cannot write {out}: No space left on device")
+    assert out.read_bytes() == b"the previous video"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4"]
+
+
+def test_steps_given_are_the_steps_run(inputs, model_dir, tmp_path, monkeypatch):
+    """`--steps 2` runs 2 denoising steps; leaving it out runs the model's own number (not 0 or 1)."""
+    from singer.pipeline import SingerPipeline
+
+    seen = []
+    original = SingerPipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        seen.append(len(self.scheduler.timesteps))
+        return out
+
+    monkeypatch.setattr(SingerPipeline, "__call__", spy)
+    sf.write(tmp_path / "frame.wav", 0.3 * np.sin(np.arange(1280) / 5), 16000)  # 2 frames
+    common = ("--image", inputs / "portrait.jpg", "--audio", tmp_path / "frame.wav")
+    assert run(*common, "--output", tmp_path / "a.mp4", "--model", model_dir, steps="2").exit_code == 0
+    assert run(*common, "--output", tmp_path / "b.mp4", "--model", model_dir, steps=None).exit_code == 0
+    default = load_config().model.inference_steps
+    assert default > 2 and seen == [2, default]
+
+
+def test_pipeline_refuses_zero_steps(model_dir):
+    from singer.pipeline import SingerPipeline
+
+    pipe = SingerPipeline.from_pretrained(model_dir)
+    with pytest.raises(ValueError, match="at least 1, got 0"):
+        pipe({}, np.zeros(640, np.float32), np.zeros(128, np.float32), num_inference_steps=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["bad_model_index", "registry_no_store", "registry_empty", "output_long_path"])
+def test_the_installed_command_prints_one_line(case, inputs, broken_models, empty_registry, model_dir, tmp_path):
+    """The real `singer` entry point in its own process: what libraries log (MLflow's database migrations,
+    diffusers' warnings) and rich's wrapping at 80 columns land on the real stderr, which CliRunner does not see."""
+    env = {**os.environ, "COLUMNS": "80", "MLFLOW_TRACKING_URI": empty_registry}
+    env.pop("MLFLOW_REGISTRY_URI", None)
+    output, model = tmp_path / "o.mp4", model_dir
+    if case == "bad_model_index":
+        model = broken_models / "bad_json"
+    elif case == "registry_no_store":
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'nowhere.db'}"
+        model = "models:/singer@champion"
+    elif case == "registry_empty":
+        model = "models:/singer@champion"
+    elif case == "output_long_path":
+        output = tmp_path / ("a-folder-with-a-long-name-" * 4) / "o.mp4"
+    done = subprocess.run([str(BIN / "singer"), "generate", "--image", str(inputs / "portrait.jpg"), "--audio",
+                           str(inputs / "stereo44k.wav"), "--output", str(output), "--model", str(model),
+                           "--steps", "1", "--no-progress"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    assert done.stdout.strip() == ""
+    assert not output.exists() and not (tmp_path / "nowhere.db").exists()
 
 
 @pytest.mark.slow

@@ -3,9 +3,10 @@
 - Every YAML file under infra/ (and flows/prefect.yaml when it exists) parses.
 - Built-in Kubernetes objects validate against the API schemas kubernetes-validate ships (strict: unknown
   fields fail), for an older and the newest Kubernetes version it knows.
-- Custom resources (KubeRay RayCluster/RayJob, CloudNativePG Cluster) have no schema there: their structure
-  is checked here (what KubeRay's own validation rejects, GPU limits, autoscaling bounds), and their pod
-  templates validate as `v1 PodTemplate`s.
+- Custom resources (KubeRay RayCluster/RayJob, CloudNativePG Cluster) have no schema there (a test says so,
+  and fails the day kubernetes-validate ships one): their metadata validates as ObjectMeta, their structure
+  is checked here (what KubeRay's own validation rejects, GPU limits, autoscaling bounds, CloudNativePG's
+  required fields), and their pod templates validate as `v1 PodTemplate`s.
 - References resolve: every Secret / ConfigMap / PVC a manifest or the Helm values name is declared in
   infra/k8s/, with the keys asked for; images are pinned; versions agree across files (Ray, MLflow, torch).
 - No literal secrets: secret-looking environment variables come from Secrets (or compose interpolation),
@@ -13,10 +14,12 @@
 - The accelerate configs load through accelerate's own loader and are consistent.
 - docker-compose.yaml uses only variables declared in .env.example; the Helm values use only keys the
   chart documents; MLflow's Host-header check admits the URIs the pods use.
+- Parameters are collected from the files when the module is imported: files too broken for that fail the
+  collection (an error, never an empty parameter set that pytest would skip).
 - The multi-node training Job matches infra/accelerate/multi_node.yaml; the serving Deployment serves the
   alias `singer release` moves.
 - The Prefect base job template and deployments agree, and the `singer-k8s` jobs can reach the Ray cluster
-  they name (its Service, the shared checkout, the Ray token) (skipped until those files exist).
+  they name (its Service, the shared checkout, the Ray token).
 - (slow) The compose file's SeaweedFS command, run with the weed binary the tests use, serves S3 with the
   .env credentials and refuses others.
 """
@@ -94,6 +97,10 @@ def _objects() -> list[tuple[Path, int, dict]]:
     return out
 
 
+def _is_custom(obj: dict) -> bool:
+    return (obj["apiVersion"], obj["kind"]) in CUSTOM_KINDS
+
+
 def _of_kind(kind: str, api_version: str | None = None) -> list[tuple[Path, dict]]:
     return [
         (p, d) for p, _, d in _objects() if d["kind"] == kind and (api_version is None or d["apiVersion"] == api_version)
@@ -155,12 +162,13 @@ def _pod_templates() -> list[tuple[str, dict]]:
 
 
 def _collected(fn) -> list:
-    """fn() for parametrize at collection time; [] when the files are too broken for it, so that one bad file
-    fails test_custom_resource_fields instead of stopping the whole module from being collected."""
-    try:
-        return fn()
-    except Exception:
-        return []
+    """fn() for parametrize at collection time. An exception (a file too broken to read the parameters from)
+    propagates: the module fails to collect, which fails the run. So does an empty list, which pytest would
+    otherwise turn into one skipped test."""
+    params = fn()
+    if not params:
+        raise RuntimeError(f"{fn.__name__}() found nothing to test in infra/")
+    return params
 
 
 def _containers(template: dict) -> list[dict]:
@@ -226,19 +234,58 @@ def test_kubernetes_validate_knows_the_versions():
     assert _k8s_errors({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "x"}, "spec": {"x": 1}})
 
 
-@pytest.mark.parametrize(
-    "path,index,obj", [(p, i, d) for p, i, d in _objects()], ids=[f"{_rel(p)}#{i}:{d['kind']}" for p, i, d in _objects()]
-)
+def _object_id(param: tuple[Path, int, dict]) -> str:
+    path, index, obj = param
+    return f"{_rel(path)}#{index}:{obj['kind']}"
+
+
+BUILTIN_OBJECTS = _collected(lambda: [o for o in _objects() if not _is_custom(o[2])])
+CUSTOM_OBJECTS = _collected(lambda: [o for o in _objects() if _is_custom(o[2])])
+
+
+@pytest.mark.parametrize("path,index,obj", BUILTIN_OBJECTS, ids=[_object_id(o) for o in BUILTIN_OBJECTS])
 def test_builtin_objects_validate_strictly(path, index, obj):
     import kubernetes_validate
 
-    if (obj["apiVersion"], obj["kind"]) in CUSTOM_KINDS:
-        pytest.skip("custom resource: checked structurally below")
     try:
         errors = _k8s_errors(obj)
     except kubernetes_validate.SchemaNotFoundError:
         errors = [f"{obj['apiVersion']} {obj['kind']} is neither built in nor a known custom resource"]
     assert not errors, f"{_rel(path)}#{index} ({obj['kind']}): " + "; ".join(errors)
+
+
+@pytest.mark.parametrize("path,index,obj", CUSTOM_OBJECTS, ids=[_object_id(o) for o in CUSTOM_OBJECTS])
+def test_custom_resources_have_no_schema_here_and_valid_metadata(path, index, obj):
+    """Why custom resources are not validated like the built-in objects: kubernetes-validate has no schema
+    for them (should a version ship one, this fails, and they belong in the strict test above). What the
+    API server does check on any object, its metadata, validates as a built-in object's ObjectMeta (strict),
+    and the name is a DNS-1035 label: KubeRay and CloudNativePG name Services after it (`<name>-head-svc`,
+    `<name>-rw`)."""
+    import kubernetes_validate
+
+    for version in K8S_VERSIONS:
+        v = kubernetes_validate.latest_version() if version == "latest" else version
+        with pytest.raises(kubernetes_validate.SchemaNotFoundError):
+            kubernetes_validate.validate(obj, v, strict=True)
+    errors = _k8s_errors({"apiVersion": "v1", "kind": "ConfigMap", "metadata": obj["metadata"]})
+    assert not errors, f"{_rel(path)}#{index} ({obj['kind']}) metadata: " + "; ".join(errors)
+    name = obj["metadata"].get("name", "")
+    assert DNS1035.match(name) and len(name) <= 63 - len("-head-svc"), f"{_rel(path)}: name {name!r}"
+
+
+def test_cnpg_cluster_spec():
+    """The fields CloudNativePG's CRD requires or bounds (instances >= 1, a storage size that is a quantity,
+    initdb with database, owner and a Secret), as a one-instance database for MLflow."""
+    clusters = _of_kind("Cluster", "postgresql.cnpg.io/v1")
+    assert len(clusters) == 1, "infra/mlflow/postgres-cnpg.yaml: one postgresql.cnpg.io/v1 Cluster"
+    path, cluster = clusters[0]
+    spec = cluster["spec"]
+    assert isinstance(spec.get("instances"), int) and spec["instances"] >= 1, f"{_rel(path)}: spec.instances"
+    size = (spec.get("storage") or {}).get("size")
+    assert isinstance(size, str) and re.fullmatch(r"[1-9]\d*(Ki|Mi|Gi|Ti)", size), f"{_rel(path)}: storage.size {size!r}"
+    initdb = (spec.get("bootstrap") or {}).get("initdb") or {}
+    assert initdb.get("database") == "mlflow" and initdb.get("owner"), f"{_rel(path)}: initdb database/owner"
+    assert set(initdb.get("secret") or {}) == {"name"}, f"{_rel(path)}: initdb.secret is a {{name: ...}} reference"
 
 
 def test_every_object_is_namespaced_in_the_project_namespace():
@@ -259,8 +306,8 @@ def test_there_is_a_ray_cluster_and_an_evaluate_job():
 
 
 def test_custom_resource_fields():
-    """The fields KubeRay requires (headGroupSpec.template, groupName, template per worker group) exist:
-    reading them here fails loudly where the parametrized tests would quietly have nothing to check."""
+    """The fields KubeRay requires (headGroupSpec.template, groupName, template per worker group) exist, and
+    every RayCluster spec has its head's template and its workers'."""
     specs, templates = _ray_cluster_specs(), _pod_templates()
     assert specs and len(templates) >= 2 * len(specs)
     for label, template in templates:
@@ -697,8 +744,7 @@ def test_helm_values():
 
 def _prefect_files():
     missing = [p for p in (PREFECT_TEMPLATE, PREFECT_YAML) if not p.exists()]
-    if missing:
-        pytest.skip(f"not written yet: {', '.join(_rel(p) for p in missing)}")
+    assert not missing, f"missing: {', '.join(_rel(p) for p in missing)}"
     return json.loads(PREFECT_TEMPLATE.read_text()), yaml.safe_load(PREFECT_YAML.read_text())
 
 
@@ -778,8 +824,7 @@ def test_prefect_k8s_jobs_reach_the_ray_cluster():
             )
             assert template_env.get("RAY_AUTH_MODE", {}).get("value") == "token", "and RAY_AUTH_MODE=token"
         checked += 1
-    if not checked:
-        pytest.skip("no singer-k8s deployment sets RAY_ADDRESS")
+    assert checked, f"no {K8S_POOL} deployment in flows/prefect.yaml sets RAY_ADDRESS: nothing reaches the Ray cluster"
 
 
 # ------------------------------------------------------------------------------- compose S3, for real

@@ -1,13 +1,17 @@
 """Model behaviour of the composite SINGER model at the tiny preset: identity of the spectral modules at
-initialisation, gradients into them, learning, and MSM evaluated on every denoising step."""
+initialisation, gradients into them (also with only the paper preset's groups trainable), their effect on a
+trained model and its saved copy, learning, classifier-free guidance (the pipeline's formula, the unconditional
+branch and the training dropout that trains it), and MSM evaluated on every denoising step."""
+
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
-from factories import tiny_batch
+from factories import tiny_batch, tone
 
 from singer.config import load_config
-from singer.models.singer import SingerModel
+from singer.models.singer import Conditions, SingerModel
 from singer.pipeline import SingerPipeline
 
 
@@ -16,23 +20,41 @@ def cfg():
     return load_config()
 
 
-def build(cfg, msm=True, sfm=True, seed=0):
-    model_cfg = cfg.model.model_copy(update={"msm": msm, "sfm": sfm})
+def build(cfg, msm=True, sfm=True, seed=0, **update):
+    model_cfg = cfg.model.model_copy(update={"msm": msm, "sfm": sfm, **update})
     return SingerModel.build(model_cfg, resolution=cfg.crop.resolution, seed=seed)
+
+
+SPECTRAL = ("msm.", "denoising_unet.sfm.")  # the parameter names of MSM and SFM
+
+
+def without_spectral(cfg, model, msm=False, sfm=False):
+    """A model without MSM and/or SFM holding `model`'s other weights (eval mode)."""
+    plain = build(cfg, msm=msm, sfm=sfm).eval()
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and unexpected and all(k.startswith(SPECTRAL) for k in unexpected)
+    return plain
+
+
+def latent_and_t(cfg, batch=1, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(batch, cfg.model.latent_channels, cfg.model.num_frames, 16, 16, generator=g)
+    return z, torch.full((batch,), 500)
 
 
 def test_msm_and_sfm_at_init_leave_the_output_unchanged(cfg):
     full = build(cfg).eval()
-    plain = build(cfg, msm=False, sfm=False).eval()
-    missing, unexpected = plain.load_state_dict(full.state_dict(), strict=False)
-    assert not missing and all(k.startswith(("msm.", "denoising_unet.sfm.")) for k in unexpected)
+    plain = without_spectral(cfg, full)
     batch = tiny_batch(1)
     with torch.no_grad():
         cond_full = full.conditions(batch)
         cond_plain = plain.conditions(batch)
-        z = torch.randn(1, cfg.model.latent_channels, cfg.model.num_frames, 16, 16)
-        t = torch.tensor([500])
-        assert torch.equal(full.denoise(z, t, cond_full), plain.denoise(z, t, cond_plain))
+        z, t = latent_and_t(cfg)
+        out = full.denoise(z, t, cond_full)
+        assert torch.equal(out, plain.denoise(z, t, cond_plain))
+        # not vacuous: the audio MSM re-weights reaches the output of a fresh model
+        silent = dataclasses.replace(cond_full, audio_tokens=torch.zeros_like(cond_full.audio_tokens))
+        assert not torch.allclose(out, full.denoise(z, t, silent), atol=1e-6)
 
 
 def perturb_zero_inits(model):
@@ -63,9 +85,279 @@ def test_trainable_groups(cfg):
     model = build(cfg)
     names = model.set_trainable(["audio_encoder", "audio_projection", "msm", "sfm"])
     assert names and all(n.startswith(("audio_encoder.", "msm.", "denoising_unet.sfm.")) for n in names)
+    # every parameter of the named groups is trainable, and nothing else is
+    for prefix in ("msm.", "denoising_unet.sfm.", "audio_encoder.wav2vec2.", "audio_encoder.projection."):
+        group = {n for n, _ in model.named_parameters() if n.startswith(prefix)}
+        assert group and group <= set(names), prefix
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(names)
     assert not any(p.requires_grad for p in model.reference_unet.parameters())
     with pytest.raises(ValueError, match="unknown trainable group"):
         model.set_trainable(["everything"])
+
+
+def train_steps(model, batch, steps, lr=1e-3, seed=1, check=None):
+    """`steps` Adam steps of `model.training_loss` on `batch`; `check(step, model)` runs after each backward."""
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        loss, _ = model.training_loss(batch, generator=g)
+        loss.backward()
+        if check is not None:
+            check(step, model)
+        opt.step()
+        opt.zero_grad()
+    return model
+
+
+def test_the_paper_presets_trainable_groups_reach_msm_from_scratch(cfg):
+    """The paper preset trains the audio encoder, the audio projection, MSM and SFM, with the UNets (audio modules
+    included) frozen. A fresh audio module must let gradients through to the audio side even while frozen, or a
+    model built from scratch could never learn MSM (see singer/models/audio_module.py)."""
+    groups = list(load_config(preset="paper").train.trainable)
+    assert set(groups) == {"audio_encoder", "audio_projection", "msm", "sfm"}
+    model = build(cfg)
+    names = set(model.set_trainable(groups))
+    assert not any(".audio_modules." in n for n in names)  # frozen at their fresh initialisation
+    msm = {n: p for n, p in model.named_parameters() if n.startswith("msm.")}
+    before = {n: p.detach().clone() for n, p in msm.items()}
+
+    def check(step, model):
+        if step == 0:  # at init only MSM's last layer can get a gradient: the rest sits behind its zeros
+            grads = {n: msm[n].grad for n in ("msm.fc.2.weight", "msm.fc.2.bias")}
+            projection = model.audio_encoder.projection.proj3.weight.grad
+            assert projection is not None and torch.count_nonzero(projection) > 0
+            assert any(p.grad is not None and p.grad.any() for p in model.audio_encoder.wav2vec2.parameters())
+        else:  # after one step: every MSM parameter
+            grads = {n: p.grad for n, p in msm.items()}
+        for name, grad in grads.items():
+            assert grad is not None and torch.count_nonzero(grad) > 0, (step, name)
+
+    train_steps(model, tiny_batch(2), steps=2, check=check)
+    for name, p in msm.items():
+        assert not torch.equal(before[name], p), name
+
+
+@pytest.fixture(scope="module")
+def trained(cfg):
+    """The tiny model after 3 training steps (everything trainable): MSM and SFM are no longer identities."""
+    model = build(cfg)
+    model.set_trainable(["all"])
+    return train_steps(model, tiny_batch(2), steps=3).eval()
+
+
+@pytest.mark.parametrize("drop", ["msm", "sfm"])
+def test_trained_msm_and_sfm_change_the_output(cfg, trained, drop):
+    """The same trained weights without MSM (or SFM) give another prediction: the trained module is used."""
+    plain = without_spectral(cfg, trained, msm=drop != "msm", sfm=drop != "sfm")
+    batch = tiny_batch(1, seed=3)
+    with torch.no_grad():
+        cond = trained.conditions(batch)
+        torch.testing.assert_close(cond.audio_tokens, plain.conditions(batch).audio_tokens, rtol=0, atol=0)
+        z, t = latent_and_t(cfg)
+        ours, theirs = trained.denoise(z, t, cond), plain.denoise(z, t, cond)
+    relative = float((ours - theirs).abs().max() / ours.abs().max())
+    # measured: 1.9e-5 (msm), 1.3e-3 (sfm); a module that is still the identity gives exactly 0
+    assert relative > {"msm": 2e-6, "sfm": 1e-4}[drop], relative
+
+
+def test_trained_msm_and_sfm_survive_save_and_load(cfg, trained, tmp_path):
+    """save_pretrained -> from_pretrained keeps the trained (non-identity) MSM and SFM: identical predictions."""
+    with torch.no_grad():
+        z, t = latent_and_t(cfg, batch=2)
+        assert not torch.allclose(trained.msm.band_weights(z), torch.ones(2, 4))
+        assert torch.count_nonzero(trained.denoising_unet.sfm.band_raw) > 0
+    SingerPipeline.from_model(trained, cfg.crop.resolution).save_pretrained(tmp_path, safe_serialization=True)
+    loaded = SingerPipeline.from_pretrained(tmp_path).to_model().eval()
+    assert loaded.msm is not None and loaded.denoising_unet.sfm is not None
+    mine, theirs = trained.state_dict(), loaded.state_dict()
+    spectral = [k for k in mine if k.startswith(SPECTRAL)]
+    assert spectral and all(torch.equal(mine[k], theirs[k]) for k in spectral)
+    batch = tiny_batch(2, seed=4)
+    with torch.no_grad():
+        expected = trained.denoise(z, t, trained.conditions(batch))
+        assert torch.equal(loaded.denoise(z, t, loaded.conditions(batch)), expected)
+        # and that prediction is one MSM and SFM take part in
+        plain = without_spectral(cfg, trained)
+        assert not torch.allclose(plain.denoise(z, t, plain.conditions(batch)), expected, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# classifier-free guidance
+
+# What classifier-free guidance drops, stated once: which `Conditions` fields each training dropout
+# (model.audio_dropout, model.reference_dropout) replaces, and with what. The unconditional branch at inference
+# (`Conditions.unconditional`) is every dropout at once. Today's rule: zeros for the audio tokens and the face
+# tokens; the reference attention, masks and face-locator features are kept. (Hallo's rule also drops the reference
+# attention and the face-locator features, and its "no identity" tokens are the image projection of zeros: change
+# GUIDANCE_DROPS and `dropped` when the model does.)
+GUIDANCE_DROPS = {"audio_dropout": ("audio_tokens",), "reference_dropout": ("face_tokens",)}
+
+
+def dropped(cond: Conditions, *dropouts: str) -> Conditions:
+    """`cond` as the guidance rule says it looks after the named dropouts."""
+    fields = {field for name in dropouts for field in GUIDANCE_DROPS[name]}
+    return dataclasses.replace(cond, **{f: torch.zeros_like(getattr(cond, f)) for f in fields})
+
+
+def unconditional(cond: Conditions) -> Conditions:
+    return dropped(cond, *GUIDANCE_DROPS)
+
+
+def assert_same_conditions(a: Conditions, b: Conditions):
+    for field in dataclasses.fields(Conditions):
+        x, y = getattr(a, field.name), getattr(b, field.name)
+        if isinstance(x, dict):
+            assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), field.name
+        else:
+            assert torch.equal(x, y), field.name
+
+
+def with_face_features(model):
+    """A face locator that adds something (a fresh one adds zeros), so dropping its features would show."""
+    with torch.no_grad():
+        torch.nn.init.normal_(model.face_locator.conv_out.weight, std=0.1)
+    return model
+
+
+def _signature(x: torch.Tensor) -> torch.Tensor:
+    """A per-sample scalar that changes with every entry of x (B, ...): a fixed cosine-weighted sum / sqrt(n)."""
+    flat = x.flatten(1).float()
+    return (flat * torch.cos(0.37 * torch.arange(flat.shape[1]) + 0.1)).sum(1) / flat.shape[1] ** 0.5
+
+
+def condition_signature(cond: Conditions) -> torch.Tensor:
+    """(B, K): one signature per part of the conditions (audio tokens, face tokens, face-locator features, each
+    reference state, each mask)."""
+    parts = [cond.audio_tokens, cond.face_tokens, cond.face_features, *cond.reference_states.values(),
+             *cond.masks.values()]
+    return torch.stack([_signature(x) for x in parts], dim=1)
+
+
+def conditioned_oracle(x0, alphas, prediction):
+    """A denoiser whose prediction is the exact v (or x0) of `x0` moved by the conditions: each part's signature
+    times a pattern of its own, so no two parts can cancel."""
+    h, w = x0.shape[-2:]
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+
+    def oracle(self, z_t, t, cond):
+        sig = condition_signature(cond)  # (B, K)
+        patterns = torch.stack([torch.cos((k + 1) * 1.3 * xx + k * 0.7 * yy) for k in range(sig.shape[1])])
+        shift = torch.einsum("bk,khw->bhw", sig, patterns) / sig.shape[1] ** 0.5
+        target = x0 + 0.3 * shift[:, None, None]
+        a = alphas[t.long()].view(-1, 1, 1, 1, 1).to(z_t.dtype)
+        alpha, sigma = a.sqrt(), (1 - a).sqrt()
+        if prediction == "sample":
+            return target.expand_as(z_t).clone()
+        eps = (z_t - alpha * target) / sigma
+        return alpha * eps - sigma * target
+
+    return oracle
+
+
+def pipeline_inputs(cfg, seconds):
+    from skimage import data
+
+    from singer.faces import prepare_reference
+
+    reference = prepare_reference(data.astronaut(), cfg.crop.resolution)
+    audio = tone(seconds)
+    face = np.random.default_rng(0).normal(0, 0.5, cfg.model.face_embed_dim).astype(np.float32)
+    return reference, audio, face
+
+
+def conditions_as_the_pipeline_should_build_them(model, reference, audio, face):
+    """The conditions of the first window, from the model's own `conditions` (not the pipeline's code)."""
+    image = torch.from_numpy(reference["image"]).permute(2, 0, 1).float().div(127.5).sub(1)[None]
+    masks = np.stack([reference["masks"][k] for k in ("face", "lip", "pose")])
+    batch = {"reference": image, "motion": image.unsqueeze(2).expand(-1, -1, model.cfg.motion_frames, -1, -1),
+             "audio": torch.from_numpy(audio)[None], "masks": torch.as_tensor(masks, dtype=torch.float32)[None],
+             "face_embedding": torch.from_numpy(face)[None]}
+    return model.conditions(batch)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.5])
+@pytest.mark.parametrize("prediction", ["v_prediction", "sample"])
+def test_guidance_matches_an_independent_computation(cfg, monkeypatch, guidance, prediction):
+    """With a denoiser that depends on the conditions, every DDIM step of the pipeline must get
+    v_u + g * (v_c - v_u), v_c from the window's conditions and v_u from the rule above, and the video must be the
+    one a hand-written DDIM loop gets; guidance 1 is a run with the conditional branch only."""
+    from singer.data.dataset import to_uint8_video
+    from singer.models.autoencoder import decode_video
+    from singer.models.scheduler import make_scheduler
+
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"prediction_type": prediction})})
+    model = with_face_features(build(cfg).eval())
+    frames, steps = cfg.model.num_frames, 4
+    reference, audio, face = pipeline_inputs(cfg, frames / 25)
+    x0 = model.encode(torch.from_numpy(reference["image"]).permute(2, 0, 1).float().div(127.5).sub(1)[None, :, None])
+    oracle = conditioned_oracle(x0, model.scheduler.alphas_cumprod, prediction)
+    monkeypatch.setattr(SingerModel, "denoise", oracle)
+
+    pipe = SingerPipeline.from_model(model, cfg.crop.resolution)
+    given = []  # what the pipeline hands to each DDIM step
+    step = pipe.scheduler.step
+    monkeypatch.setattr(pipe.scheduler, "step", lambda v, t, z, **kw: given.append(v.clone()) or step(v, t, z, **kw))
+    out = pipe(reference, audio, face, num_inference_steps=steps, guidance_scale=guidance,
+               generator=torch.Generator().manual_seed(0), num_frames=frames, progress=False)
+
+    with torch.no_grad():
+        cond = conditions_as_the_pipeline_should_build_them(model, reference, audio, face)
+        uncond = unconditional(cond)
+        scheduler = make_scheduler(cfg.model)
+        scheduler.set_timesteps(steps)
+        z = torch.randn(given[0].shape, generator=torch.Generator().manual_seed(0))
+        gaps = []
+        for i, t in enumerate(scheduler.timesteps):
+            v_c = oracle(model, z, t.view(1), cond)
+            v_u = oracle(model, z, t.view(1), uncond)
+            if guidance == 1:  # exactly the conditional-only run
+                v = v_c
+                assert torch.equal(given[i], v), i
+            else:
+                v = v_u + guidance * (v_c - v_u)
+                torch.testing.assert_close(given[i], v, rtol=1e-4, atol=1e-5)
+            gaps.append(float((v_c - v_u).abs().max()))
+            z = scheduler.step(v, t, z).prev_sample
+        expected = to_uint8_video(decode_video(model.vae, z)[0].float())
+    assert len(given) == steps and min(gaps) > 0.01, gaps  # the branches differ: the check has teeth
+    if guidance == 1:
+        assert np.array_equal(out.frames, expected)
+    else:
+        assert np.abs(out.frames.astype(int) - expected.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("audio_p, reference_p", [(1.0, 1.0), (1.0, 0.0), (0.0, 1.0), (0.0, 0.0)])
+def test_condition_dropout_trains_the_unconditional_branch(cfg, monkeypatch, audio_p, reference_p):
+    """Dropout probability 1 gives exactly the guidance rule's conditions (both at once: exactly what the
+    pipeline's unconditional branch gets); probability 0 leaves the conditions alone."""
+    model = build(cfg, audio_dropout=audio_p, reference_dropout=reference_p, motion_as_reference_prob=0.0)
+    model = with_face_features(model.eval())
+    seen = []
+
+    def capture(self, z_t, t, cond):
+        seen.append(cond)
+        return torch.zeros_like(z_t)
+
+    monkeypatch.setattr(SingerModel, "denoise", capture)
+    batch = tiny_batch(2)
+    with torch.no_grad():
+        model.training_loss(batch, generator=torch.Generator().manual_seed(0))
+        full = model.conditions(batch)
+    hit = [name for name, p in (("audio_dropout", audio_p), ("reference_dropout", reference_p)) if p == 1]
+    assert len(seen) == 1
+    assert_same_conditions(seen[0], dropped(full, *hit))
+    if len(hit) == len(GUIDANCE_DROPS):
+        assert_same_conditions(seen[0], full.unconditional())  # what inference's unconditional branch sees
+
+
+def test_the_unconditional_branch_follows_the_rule(cfg):
+    model = with_face_features(build(cfg).eval())
+    with torch.no_grad():
+        cond = model.conditions(tiny_batch(2))
+    for field in dataclasses.fields(Conditions):  # every part is non-zero, so dropping any of them would show
+        value = getattr(cond, field.name)
+        assert all(torch.count_nonzero(v) for v in (value.values() if isinstance(value, dict) else [value]))
+    assert_same_conditions(cond.unconditional(), unconditional(cond))
 
 
 @pytest.mark.slow
@@ -90,7 +382,7 @@ def test_twenty_steps_lower_the_loss(cfg):
         opt.step()
         opt.zero_grad()
     after = fixed_loss()
-    assert after < 0.92 * before, (before, after)  # measured: 0.873 -> 0.763
+    assert after < 0.92 * before, (before, after)  # measured: 1.33 -> 0.96
 
 
 def test_a_folder_naming_moved_modules_still_loads(cfg, tmp_path):
@@ -138,8 +430,10 @@ def test_msm_runs_once_per_denoising_step(cfg):
 
 @pytest.mark.parametrize("prediction", ["v_prediction", "sample"])
 def test_sampler_with_an_oracle_denoiser_reproduces_the_target(cfg, monkeypatch, prediction):
-    """If the network predicted the exact v (or x0) of a known video, the pipeline (noise, DDIM steps,
-    guidance, windows, decoding) must return that video: this isolates sampling bugs from learning."""
+    """If the network predicted the exact v (or x0) of a known video, the pipeline (noise, DDIM steps, windows,
+    decoding) must return that video: this isolates sampling bugs from learning. This oracle ignores the
+    conditions, so both guidance branches agree here; `test_guidance_matches_an_independent_computation` checks
+    guidance with one that does not."""
     from skimage import data
 
     from singer.faces import prepare_reference

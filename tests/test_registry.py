@@ -126,7 +126,7 @@ def test_register_release_and_load_champion(store, model_dir, tmp_path):
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == v1
 
     # a required metric missing fails too
-    register_model(cfg, model_dir, metrics={"lmd": 1.0, "mouth_correlation": None, "ssim": 0.9})
+    v3 = register_model(cfg, model_dir, metrics={"lmd": 1.0, "mouth_correlation": None, "ssim": 0.9})
     missing = release(cfg)
     assert not missing["passed"] and [f["metric"] for f in missing["failures"]] == ["mouth_correlation"]
 
@@ -141,9 +141,18 @@ def test_register_release_and_load_champion(store, model_dir, tmp_path):
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == v4
     assert str(client.get_model_version_by_alias(name, PREVIOUS_CHAMPION).version) == v1
     assert client.get_model_version(name, v1).tags[PREVIOUS_CHAMPION] == "true"
-    assert v2 != v4
+    assert client.get_model_version(name, v1).tags["replaced_by"] == v4
+    assert client.get_model_version(name, v4).tags["promoted_from"] == v1
+    assert client.get_model_version(name, v1).tags["promoted_from"] == "none"
+    # the refused versions were never promoted and carry no release tags
+    for refused in (v2, v3):
+        assert not {"promoted_from", "replaced_by", PREVIOUS_CHAMPION} & set(client.get_model_version(name, refused).tags)
+    assert [v1, v2, v3, v4] == ["1", "2", "3", "4"]
+    assert {a: str(v) for a, v in client.get_registered_model(name).aliases.items()} == {
+        CHAMPION: v4, CHALLENGER: v4, PREVIOUS_CHAMPION: v1}
     again = release(cfg)
-    assert again["passed"] and not again["promoted"]
+    assert again["passed"] and not again["promoted"] and again["message"] == f"{name} version {v4} is already {CHAMPION}"
+    assert str(client.get_model_version_by_alias(name, PREVIOUS_CHAMPION).version) == v1  # not moved by a no-op
 
     # self-contained: the singer package travels with the model (code_paths), the pipeline as an artifact
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@{CHAMPION}", dst_path=str(tmp_path / "dl")))

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import pywt
 import torch
 from torch import nn
 
 from singer.models.msm import MultiScaleSpectralModule
 from singer.models.sfm import SelfAdaptiveFilterModule
-from singer.models.wavelet import haar_dwt2, haar_idwt2
 
 SMALL_MSM = {"latent_channels": 4, "num_frames": 4, "latent_size": 8, "hidden_dim": 8, "chunks": 4}
 
@@ -62,18 +63,61 @@ def test_msm_is_identity_in_bf16():
     assert out.dtype == torch.bfloat16 and torch.equal(out, audio)
 
 
-def test_msm_equals_direct_subband_scaling():
-    """forward (residual form) == IDWT(weights * DWT(audio)), the paper's formula, once weights != 1."""
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().double().numpy()
+
+
+def _np_silu(x: np.ndarray) -> np.ndarray:
+    return x / (1 + np.exp(-x))
+
+
+def _np_sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-x))
+
+
+def _np_mlp(fc: nn.Sequential, x: np.ndarray) -> np.ndarray:
+    """Linear -> SiLU -> Linear in numpy, from the module's weights."""
+    hidden = _np_silu(x @ _np(fc[0].weight).T + _np(fc[0].bias))
+    return hidden @ _np(fc[2].weight).T + _np(fc[2].bias)
+
+
+def _pywt_scaled(x: np.ndarray, weights, axes, size) -> np.ndarray:
+    """IDWT(weights[k] * band_k) with pywt: bands (cA, cH, cV, cD) = (LL, LH, HL, HH), cropped to ``size``."""
+    ca, (ch, cv, cd) = pywt.dwt2(x, "haar", axes=axes)
+    w = [np.asarray(weight) for weight in weights]
+    out = pywt.idwt2((w[0] * ca, (w[1] * ch, w[2] * cv, w[3] * cd)), "haar", axes=axes)
+    index = [slice(None)] * out.ndim
+    for axis, n in zip(axes, size):
+        index[axis] = slice(0, n)
+    return out[tuple(index)]
+
+
+def test_msm_equals_the_papers_formula_computed_with_pywt():
+    """forward == IDWT(weights * DWT(audio)) over (frames, embedding), the paper's formula, with the DWT from
+    pywt and the weights 2 * sigmoid(FC(chunk means of w * z_t)) computed in numpy (odd F and C)."""
     msm = MultiScaleSpectralModule(**SMALL_MSM).double()
     _perturb_last_layer(msm)
+    with torch.no_grad():
+        msm.w.copy_(1 + 0.5 * torch.randn(msm.w.shape, generator=torch.Generator().manual_seed(3)))
     audio, z = _audio(b=3, f=5, c=11).double(), _latent(b=3, f=5).double()
-    weights = msm.band_weights(z)  # (B, 4)
-    assert not torch.allclose(weights, torch.ones_like(weights))
-    assert torch.all((weights > 0) & (weights < 2))
-    bands = haar_dwt2(audio, dims=(1, 3))
-    scaled = [band * weights[:, k, None, None, None] for k, band in enumerate(bands)]
-    direct = haar_idwt2(*scaled, dims=(1, 3), size=(5, 11))
-    torch.testing.assert_close(msm(audio, z), direct, rtol=0, atol=1e-12)
+    # the weights, in numpy: w resized to z's frames (5 instead of 4) with linear interpolation
+    # (align_corners=False) along frames only, as trilinear does when H and W already match
+    w = _np(msm.w)  # (C, F0, H, W)
+    f0, f1 = w.shape[1], z.shape[2]
+    src = np.clip((np.arange(f1) + 0.5) * f0 / f1 - 0.5, 0, f0 - 1)
+    lo = np.floor(src).astype(int)
+    hi = np.minimum(lo + 1, f0 - 1)
+    frac = (src - lo)[None, :, None, None]
+    w_resized = w[:, lo] * (1 - frac) + w[:, hi] * frac
+    w_z = w_resized[None] * _np(z)  # (B, C, F, H, W)
+    chunks = np.split(w_z, SMALL_MSM["chunks"], axis=-1)
+    pooled = np.stack([chunk.mean(axis=(1, 2, 3, 4)) for chunk in chunks], axis=1)  # (B, 4)
+    weights = 2 * _np_sigmoid(_np_mlp(msm.fc, pooled))  # (B, 4): LL, LH, HL, HH
+    assert not np.allclose(weights, 1) and np.all((weights > 0) & (weights < 2))
+    np.testing.assert_allclose(_np(msm.band_weights(z)), weights, rtol=1e-12)
+    x = _np(audio)  # (B, F, N, C): per token, a map over (F, C)
+    expected = np.stack([_pywt_scaled(x[b], weights[b], axes=(0, 2), size=(5, 11)) for b in range(3)])
+    np.testing.assert_allclose(_np(msm(audio, z)), expected, rtol=0, atol=1e-12)
 
 
 def test_msm_weights_depend_on_each_sample():
@@ -214,20 +258,22 @@ def _perturb_sfm(sfm: SelfAdaptiveFilterModule, seed: int = 0) -> None:
         )
 
 
-@pytest.mark.parametrize("shape", [(2, 8, 6, 7), (2, 8, 3, 6, 4)])
-def test_sfm_equals_direct_formula(shape):
-    """forward (residual form) == IDWT((1 + raw) * DWT(H)) * 2 * sigmoid(FC(mean(H)))."""
+@pytest.mark.parametrize("shape", [(2, 8, 6, 7), (2, 8, 3, 5, 4)])
+def test_sfm_equals_the_papers_formula_computed_with_pywt(shape):
+    """forward == IDWT((1 + raw) * DWT(H)) * 2 * sigmoid(FC(mean(H))) over space, with the DWT from pywt and
+    the band weights and gate computed in numpy (odd sizes; 4-D and 5-D layouts)."""
     sfm = SelfAdaptiveFilterModule(channels=8, reduction=2).double()
     _perturb_sfm(sfm)
-    h = torch.randn(*shape, dtype=torch.float64)
-    units = [1] * (h.ndim - 2)
-    bands = haar_dwt2(h)
-    weights = sfm.band_weights
-    scaled = [band * weights[k].view(1, -1, *units) for k, band in enumerate(bands)]
-    filtered = haar_idwt2(*scaled, size=h.shape[-2:])
-    pooled = h.mean(dim=tuple(range(2, h.ndim)))
-    gate = 2 * torch.sigmoid(sfm.fc(pooled))
-    torch.testing.assert_close(sfm(h), filtered * gate.view(*gate.shape, *units), rtol=0, atol=1e-12)
+    h = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    x = _np(h)
+    raw = _np(sfm.band_raw)  # (4, C): rows LL, LH, HL, HH
+    units = (1,) * (x.ndim - 2)
+    band_weights = [(1 + raw[k]).reshape(1, -1, *units) for k in range(4)]  # per band and channel
+    filtered = _pywt_scaled(x, band_weights, axes=(-2, -1), size=x.shape[-2:])
+    pooled = x.mean(axis=tuple(range(2, x.ndim)))  # (B, C): over space (and frames)
+    gate = 2 * _np_sigmoid(_np_mlp(sfm.fc, pooled)).reshape(*pooled.shape, *units)
+    assert not np.allclose(gate, 1)
+    np.testing.assert_allclose(_np(sfm(h)), filtered * gate, rtol=0, atol=1e-12)
 
 
 def test_sfm_folded_frames_get_their_own_gate():

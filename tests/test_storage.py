@@ -306,11 +306,49 @@ def test_server_stop_start_keeps_data(s3_env, s3_bucket, tmp_path):
                 f"s3://{s3_bucket}/keep/", client=s3_env.client(max_attempts=1, connect_timeout=1)
             )
     assert s3_env.running() and s3_env.endpoint_url == endpoint
+    assert not s3_env.serving  # restarted: the next s3_env fixture would wait for it, and so does this test
+    s3_env.wait_serving(s3_bucket)  # it answers at once, but reads and writes only once its volume is back
+    assert s3_env.serving
     assert storage.list_objects(f"s3://{s3_bucket}/keep/") == [
         {"key": "keep/keep.bin", "size": 50_000, "etag": etag}
     ]
     storage.download_prefix(f"s3://{s3_bucket}/keep/", tmp_path / "back")
     assert (tmp_path / "back" / "keep.bin").read_bytes() == f.read_bytes()
+
+
+def test_wait_serving_waits_out_internal_errors_and_gives_up_with_the_last_one(s3_env, s3_bucket, monkeypatch):
+    """What a restarted SeaweedFS does on a loaded machine (InternalError on writes for a while), made
+    deterministic: the first 3 puts are refused. The helper the restart tests use tries again until a put
+    and a get work, and after its deadline fails naming the last error."""
+    from botocore.exceptions import ClientError
+
+    real_client = type(s3_env).client
+    refusals = {"left": 3, "puts": 0}
+
+    def flaky_client(self, *args, **kwargs):
+        client = real_client(self, *args, **kwargs)
+        put = client.put_object
+
+        def put_object(**kw):
+            refusals["puts"] += 1
+            if refusals["left"] > 0:
+                refusals["left"] -= 1
+                raise ClientError({"Error": {"Code": "InternalError", "Message": "We encountered an internal error"}},
+                                  "PutObject")
+            return put(**kw)
+
+        client.put_object = put_object
+        return client
+
+    monkeypatch.setattr(type(s3_env), "client", flaky_client)
+    assert s3_env.wait_serving(s3_bucket, interval=0.01) == 4
+    assert refusals == {"left": 0, "puts": 4}
+    assert "Contents" not in s3_env.client().list_objects_v2(Bucket=s3_bucket)  # the probe object is gone
+
+    refusals["left"] = 10 ** 6
+    with pytest.raises(AssertionError, match=r"did not serve a put and a get within 0 s .*InternalError"):
+        s3_env.wait_serving(s3_bucket, timeout=0.3, interval=0.05)
+    assert refusals["puts"] > 5
 
 
 def test_server_files_are_private_and_secret_free(s3_server):

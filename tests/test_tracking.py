@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -239,16 +240,20 @@ def test_non_main_process_does_nothing(ml, monkeypatch):
 
 
 def test_every_checkpoint_logged_while_local_keeps_last(ml, tmp_path):
+    import mlflow
     import torch
     from accelerate import Accelerator
+    from safetensors.torch import load_file
 
     from singer.train import checkpoint as ckpt
 
     accelerator = Accelerator(cpu=True)
     model = accelerator.prepare(torch.nn.Linear(2, 2))
-    assert model is not None
     with tracking.start_run(ml, "train") as run:
         for step in (5, 10, 15):
+            with torch.no_grad():  # "training": the weights at step s are all s
+                model.weight.fill_(float(step))
+                model.bias.fill_(-float(step))
             path = ckpt.save_checkpoint(
                 accelerator, tmp_path / "ckpt", step, extra={"mlflow_run_id": run.info.run_id}, keep_last=1
             )
@@ -257,7 +262,15 @@ def test_every_checkpoint_logged_while_local_keeps_last(ml, tmp_path):
     files = _artifacts(run.info.run_id)
     for step in (5, 10, 15):
         assert f"checkpoints/step-{step:06d}/COMPLETE" in files
-        assert f"checkpoints/step-{step:06d}/model.safetensors" in files
+        # each logged checkpoint is the one of its step, not the folder as it was later (or earlier)
+        got = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
+                                                       artifact_path=f"checkpoints/step-{step:06d}",
+                                                       dst_path=str(tmp_path / f"dl-{step}")))
+        weights = load_file(got / "model.safetensors")
+        assert torch.equal(weights["weight"], torch.full((2, 2), float(step)))
+        assert torch.equal(weights["bias"], torch.full((2,), -float(step)))
+        state = json.loads((got / ckpt.TRAINER_STATE).read_text())
+        assert state["step"] == step and state["mlflow_run_id"] == run.info.run_id
     assert tracking.failures() == {}
 
 
@@ -429,6 +442,7 @@ def test_s3_artifact_store_and_outage(ml, tmp_path, s3_bucket, s3_env):
                 assert tracking.log_checkpoint(folder, 10) is False
             outage_s = time.perf_counter() - t0
             assert tracking.log_step({"loss": 1.0}, 10)  # the SQLite store is unaffected
+        s3_env.wait_serving(s3_bucket)  # back, but reads and writes work only once its volume is back too
         assert tracking.log_checkpoint(folder, 15)
     keys = [o["Key"] for o in s3_env.client().list_objects_v2(Bucket=s3_bucket)["Contents"]]
     assert any(k.endswith("checkpoints/step-000005/model.safetensors") for k in keys)

@@ -2,7 +2,9 @@
 resumed after a kill, logged to a real MLflow store."""
 
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,25 +25,47 @@ def env_for(project: Path) -> dict:
 
 @pytest.mark.slow
 def test_killed_training_resumes_from_its_checkpoint(project_copy):
+    from singer.train.checkpoint import list_checkpoints
+
     args = [sys.executable, "-m", "singer.train", "-S", "train.steps=6", "-S", "train.checkpoint_every=2", *FAST]
-    proc = subprocess.Popen(args, cwd=project_copy, env=env_for(project_copy), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    checkpoints = project_copy / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(checkpoints.glob("full-*/step-000002")):
-        assert proc.poll() is None, proc.stdout.read()
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    log = project_copy.parent / "killed.log"  # a file, not a pipe: a full pipe would stall the trainer
+    with log.open("w") as out:
+        proc = subprocess.Popen(args, cwd=project_copy, env=env_for(project_copy), stdout=out,
+                                stderr=subprocess.STDOUT, text=True)
+        checkpoints = project_copy / "checkpoints"
+        deadline = time.time() + 300
+        seen: list[Path] = []
+        while time.time() < deadline and proc.poll() is None:
+            seen = list(checkpoints.glob("full-*/step-000004"))  # two whole checkpoints, two steps to go
+            if seen:
+                break
+            time.sleep(0.1)
+        alive = proc.poll() is None
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    # the state it was killed in: mid-run, two whole checkpoints, none of the last step, no model
+    assert seen, "no checkpoint step-000004 within 300 s:\n" + log.read_text()[-3000:]
+    assert alive, "training ended before it could be killed:\n" + log.read_text()[-3000:]
+    run_dir = seen[0].parent
+    whole = [int(p.name.removeprefix("step-")) for p in list_checkpoints(run_dir)]
+    assert whole == [2, 4], whole
+    killed_at = 4  # the newest whole checkpoint: resuming from step 2 would redo work (and pass a weaker test)
     assert not (project_copy / "models/full").exists()
+    assert not (project_copy / "metrics/train.json").exists()
 
     done = subprocess.run(args, cwd=project_copy, env=env_for(project_copy), capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "resumed from" in done.stdout + done.stderr
+    assert re.search(rf"resumed from \S*{run_dir.name}/step-{killed_at:06d} at step {killed_at}\b",
+                     done.stdout + done.stderr), done.stdout + done.stderr
     metrics = json.loads((project_copy / "metrics/train.json").read_text())
-    assert metrics["steps"] == 6
-    assert (project_copy / "models/full/model_index.json").exists()
+    assert metrics["steps"] == 6 and metrics["resumed_from_step"] == killed_at
+    assert metrics["run_key"] == run_dir.name and metrics["model_dir"] == "models/full"
+    assert [int(p.name.removeprefix("step-")) for p in list_checkpoints(run_dir)] == [2, 4, 6]
+    index = json.loads((project_copy / "models/full/model_index.json").read_text())
+    assert index["_class_name"] == "SingerPipeline"
+    assert {"vae", "reference_unet", "denoising_unet", "face_locator", "face_encoder", "audio_encoder",
+            "scheduler"} <= set(index)
     # the resumed run logs into the same MLflow run as the killed one
     import mlflow
 
@@ -50,8 +74,12 @@ def test_killed_training_resumes_from_its_checkpoint(project_copy):
     experiment = client.get_experiment_by_name("singer")
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 1 and runs[0].info.run_id == metrics["mlflow_run_id"]
+    assert runs[0].info.status == "FINISHED"
     history = client.get_metric_history(runs[0].info.run_id, "loss")
     assert sorted({m.step for m in history}) == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(m.value) and m.value > 0 for m in history)
+    logged = {a.path for a in client.list_artifacts(runs[0].info.run_id, "checkpoints")}
+    assert logged == {"checkpoints/step-000002", "checkpoints/step-000004", "checkpoints/step-000006"}
 
 
 @pytest.mark.slow
@@ -69,15 +97,36 @@ def test_training_logs_params_checkpoints_samples_and_the_model(project_copy):
     metrics = json.loads((project_copy / "metrics/train.json").read_text())
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project_copy / 'mlflow.db'}")
     run = client.get_run(metrics["mlflow_run_id"])
+    from singer.config import load_config
+    from singer.release.lineage import data_hash
+
+    cfg = load_config()
     assert run.data.params["model.msm"] == "True" and run.data.params["train.steps"] == "4"
-    assert run.data.tags["stage"] == "train" and "data_hash" in run.data.tags
-    assert {"loss", "lr", "grad_norm", "samples_per_second"} <= set(run.data.metrics)
+    tags = run.data.tags
+    assert tags["stage"] == "train" and tags["variant"] == "full" and tags["run_key"] == metrics["run_key"]
+    assert tags["data_hash"] == data_hash([cfg.paths.crops, cfg.paths.split])  # this data, hashed now
+    assert tags["data_hash"] != data_hash([project_copy / "no-crops", project_copy / "no-split"])
+    # the metrics' latest values are the last step's
+    loss = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in sorted(loss, key=lambda m: m.step)] == [1, 2, 3, 4]
+    assert run.data.metrics["loss"] == pytest.approx(max(loss, key=lambda m: m.step).value)
+    assert run.data.metrics["final_loss"] == pytest.approx(metrics["final_loss"], abs=1e-6)
+    assert metrics["final_loss"] == pytest.approx(sum(m.value for m in loss) / 4, abs=1e-5)
+    assert run.data.metrics["lr"] == pytest.approx(cfg.train.lr)
+    assert math.isfinite(run.data.metrics["grad_norm"]) and run.data.metrics["grad_norm"] > 0
+    assert run.data.metrics["samples_per_second"] > 0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"checkpoints", "samples", "model", "plots"} <= artifacts
+    assert artifacts == {"checkpoints", "samples", "model", "plots"}
     steps = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
     assert steps == {"checkpoints/step-000002", "checkpoints/step-000004"}
-    sample = client.list_artifacts(run.info.run_id, "samples")[0].path
-    local = client.download_artifacts(run.info.run_id, sample, str(project_copy))
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/loss.png"]
+    model_files = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    assert "model/model_index.json" in model_files and "model/denoising_unet" in model_files
+    logged_index = client.download_artifacts(run.info.run_id, "model/model_index.json", str(project_copy))
+    assert Path(logged_index).read_text() == (project_copy / "models/full/model_index.json").read_text()
+    samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
+    assert samples == ["samples/sample-step-000004.mp4"]  # validate_every=4 of 4 steps: one sample
+    local = client.download_artifacts(run.info.run_id, samples[0], str(project_copy))
     from singer.media import probe
 
     info = probe(local)

@@ -7,8 +7,6 @@ factor, ``latent_channels``), batch 2, 8 frames, 4 face tokens, 32 audio tokens 
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -59,8 +57,8 @@ def _models(cfg, seed=0, **overrides):
 
 
 def _perturb_zero_inits(module: torch.nn.Module, seed: int = 1, scale: float = 0.05) -> None:
-    """Give every zero-initialised tensor (zero convs, proj_out of audio/motion modules, SFM, face locator
-    conv_out) small random values, so that these modules do something."""
+    """Give every zero-initialised tensor (motion modules' proj_out, SFM, face locator conv_out, the audio zero
+    convs' biases) small random values, so that these modules do something."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
@@ -185,15 +183,15 @@ def test_face_locator(cfg, dims):
 # identities at initialisation
 
 
-def test_fresh_audio_motion_sfm_are_identities(cfg, dims):
-    """A fresh SINGER UNet computes exactly what the same UNet without audio modules, motion modules and SFM
-    computes (a 'plain' Hallo stage-1 UNet), whatever the conditioning."""
+def test_fresh_motion_modules_and_sfm_are_identities(cfg, dims):
+    """A fresh SINGER UNet computes exactly what the same UNet without motion modules (or SFM) computes, whatever
+    the conditioning."""
     full, ref = _models(cfg)
     inp = _inputs(dims)
     with torch.no_grad():
         states = _encode(ref, inp, references_per_sample=R)
         out = full(inp["sample"], inp["timestep"], **_cond(inp, states))
-        for off in ({"use_audio_modules": False}, {"use_motion_modules": False}, {"use_sfm": False}):
+        for off in ({"use_motion_modules": False}, {"use_sfm": False}):
             plain = DenoisingUNet3D.from_model_config(cfg.model, **off).eval()
             missing, unexpected = plain.load_state_dict(full.state_dict(), strict=False)
             assert not missing and unexpected  # the plain UNet is a strict subset
@@ -201,10 +199,26 @@ def test_fresh_audio_motion_sfm_are_identities(cfg, dims):
             assert torch.equal(out, other), off
 
 
+def test_fresh_frozen_audio_modules_pass_gradients_to_the_audio(cfg, dims):
+    """A fresh audio module is not an identity on purpose: frozen (the paper preset trains only the audio side,
+    MSM and SFM), it must still pass gradients to the audio tokens (singer/models/audio_module.py)."""
+    den, ref = _models(cfg)
+    den.requires_grad_(False)
+    inp = _inputs(dims)
+    audio = inp["audio_tokens"].clone().requires_grad_(True)
+    with torch.no_grad():
+        states = _encode(ref, inp, references_per_sample=R)
+    out = den(inp["sample"], inp["timestep"], **{**_cond(inp, states), "audio_tokens": audio})
+    out.pow(2).mean().backward()
+    per_frame = audio.grad.abs().amax(dim=(0, 2, 3))
+    assert torch.all(per_frame > 0), per_frame
+
+
 def test_module_level_identities():
     x = torch.randn(2 * 4, 16, 6, 6)
     audio = AudioModule(16, 2, 8, 4, inner=8)
-    assert torch.equal(audio(x, audio_tokens=torch.randn(8, 5, 8)), x)
+    tokens = torch.randn(8, 5, 8)
+    assert not torch.allclose(audio(x, audio_tokens=tokens), audio(x, audio_tokens=tokens + 1))  # not an identity
     motion = MotionModule(16, 2, 32, 4)
     assert torch.equal(motion(x, frames=4), x)
     assert torch.equal(motion(x, frames=4, prefix=torch.randn(2 * 2, 16, 6, 6)), x)
@@ -340,28 +354,6 @@ def test_gradient_checkpointing_matches(cfg, dims):
     assert grads[0][1].keys() == grads[1][1].keys()
     for name, g in grads[0][1].items():
         assert torch.allclose(g, grads[1][1][name], rtol=1e-3, atol=1e-6), name
-
-
-def test_train_step_speed(cfg, dims):
-    """DESIGN 6: a diffusers UNetMotionModel of this size trains at ~450 ms/step. Reported, loosely bounded
-    (the CI machine is shared)."""
-    den, ref = _models(cfg)
-    torch.manual_seed(0)
-    loc = FaceLocator.from_model_config(cfg.model)
-    params = [*den.parameters(), *ref.parameters(), *loc.parameters()]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    inp = _inputs(dims)
-    times = []
-    for _ in range(4):  # the first step warms up (oneDNN primitives, allocator)
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        _train_step(den, ref, loc, inp, cfg)
-        opt.step()
-        times.append(time.perf_counter() - t0)
-    times = times[1:]
-    print(f"tiny train step (B={B}, F={F}, R={R}, latents {dims['C']}x{dims['S']}x{dims['S']}): "
-          f"{min(times) * 1000:.0f} ms")
-    assert min(times) < 10.0
 
 
 # ---------------------------------------------------------------------------------------------------------------

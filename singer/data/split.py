@@ -2,8 +2,11 @@
 
     singer split             # paths.crops -> paths.split/{train,test}.txt + split.json, params split.*
 
-Subjects are shuffled with `split.seed` and the first round(n * test_fraction) (at least one) go to test.
-The split is by subject, so the clip ratio follows the subjects' clip counts rather than being exact.
+Subjects are shuffled with `split.seed` and the first round(n * test_fraction) go to test, kept within
+[1, n - 1] so neither side is empty: the share of test subjects is the k / n nearest to test_fraction that
+whole subjects allow (within 1 / (2n) of it unless a side would be empty), which is what the split suite in
+`validate.py` accepts. The split is by subject, so the clip ratio follows the subjects' clip counts rather
+than being exact.
 """
 
 from __future__ import annotations

@@ -101,19 +101,32 @@ def split_table(cfg: Config) -> pd.DataFrame:
     n_test = int(table.loc[table.side == "test", "subject"].nunique())
     per_subject["test_subject_fraction"] = n_test / max(1, n_subjects)
     per_subject["n_clips_missing_from_crops"] = int(table["subject"].isna().sum())
+    per_subject["n_subjects_missing_from_split"] = len(set(crops["subject"]) - set(table["subject"].dropna()))
     return per_subject
 
 
+def allowed_test_fractions(n_subjects: int, test_fraction: float) -> tuple[float, float]:
+    """The share of test subjects a right split of `n_subjects` whole subjects has: k / n for the k in
+    [1, n - 1] (both sides non-empty) nearest to n * test_fraction; both neighbours where it falls half-way.
+    With few subjects that can be far from the target (5 subjects at 0.05: 1 of 5), but never further
+    than whole subjects force."""
+    n = int(n_subjects)
+    if n < 2:
+        return 0.0, 1.0  # no split is possible; the row-count expectation fails instead
+    target = n * test_fraction
+    best = min(abs(k - target) for k in range(1, n))
+    near = [k for k in range(1, n) if abs(k - target) <= best + 1e-9]
+    return min(near) / n - 1e-9, max(near) / n + 1e-9
+
+
 def split_suite(cfg: Config) -> list[Check]:
-    n = len(split_table(cfg))
-    # by-subject rounding: with n subjects the test share can differ from the target by 1/n
-    tol = 0.5 / max(1, n) + 1e-9
-    f = cfg.split.test_fraction
+    lo, hi = allowed_test_fractions(len(split_table(cfg)), cfg.split.test_fraction)
     return [
         _rows(2), *_not_null("subject"),
         _between("n_sides", 1, 1),  # no subject on both sides
-        _between("test_subject_fraction", max(0.0, f - tol) if n > 2 else 0, min(1.0, f + tol) if n > 2 else 1),
+        _between("test_subject_fraction", lo, hi),
         _between("n_clips_missing_from_crops", 0, 0),
+        _between("n_subjects_missing_from_split", 0, 0),  # nobody dropped on the way
     ]
 
 

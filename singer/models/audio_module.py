@@ -7,6 +7,17 @@ Names (Hallo's ``denoising_unet.*.audio_modules.k`` keys)::
 
 Each row of the folded batch (``N = B * F``) cross-attends to its own frame's audio tokens; the three
 cross-attentions are weighted by the full (background), face and lip masks (``MASK_NAMES``).
+
+Initialisation. ``proj_out`` has PyTorch's default init, as in Hallo. Hallo zero-initialises the zero convs.
+Here they start at ``ZERO_CONV_INIT_SCALE`` times PyTorch's default init (bias zero). The reason: the paper
+preset trains the audio encoder, the audio projection, MSM and SFM with the audio modules frozen. A frozen
+module whose output ignores the audio (exact zeros in ``zero_conv_*`` or ``proj_out``) has a zero derivative
+with respect to the audio tokens. Every gradient to the audio side would then be exactly zero, and a model built
+from scratch with those groups trainable could never learn them. So a fresh audio module is deliberately not
+an identity: it is close to Hallo's fresh module and lets gradients through. Released Hallo weights overwrite
+all of these layers (``singer convert``), so a model with pretrained audio modules computes the same as before.
+Scaling the weights PyTorch has already drawn consumes no random numbers, so every other parameter of a
+freshly built model is the same as with zero init.
 """
 
 from __future__ import annotations
@@ -28,9 +39,12 @@ from singer.models.attention import (
     unfold_tokens,
 )
 
-__all__ = ["MASK_NAMES", "AudioMasks", "AudioModule", "AudioTransformerBlock", "resize_masks"]
+__all__ = [
+    "MASK_NAMES", "ZERO_CONV_INIT_SCALE", "AudioMasks", "AudioModule", "AudioTransformerBlock", "resize_masks",
+]
 
 MASK_NAMES = ("full", "face", "lip")  # attn2_0, attn2_1, attn2_2 of the audio modules
+ZERO_CONV_INIT_SCALE = 0.1  # the zero convs' init: this times PyTorch's default (Hallo's: 0); see the docstring
 
 
 class AudioMasks(NamedTuple):
@@ -87,7 +101,8 @@ class AudioTransformerBlock(nn.Module):
     """Hallo's audio block: spatial self-attention, then three per-frame cross-attentions to the audio tokens.
 
     ``attn2_0`` (weighted by the full/pose mask), ``attn2_1`` (face mask), ``attn2_2`` (lip mask), each followed by
-    its mask and a 1x1 ``zero_conv_*`` (zero-initialised), summed into the residual stream; then ``ff``.
+    its mask and a 1x1 ``zero_conv_*`` (small at init, ``ZERO_CONV_INIT_SCALE``; Hallo's are zero), summed into
+    the residual stream; then ``ff``.
 
     ``forward(tokens (N, L, C), *, audio_tokens (N, Na, Da), masks: AudioMasks) -> (N, L, C)``.
     """
@@ -105,9 +120,10 @@ class AudioTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
         self.norm3 = nn.LayerNorm(dim)
-        for conv in (self.zero_conv_full, self.zero_conv_face, self.zero_conv_lip):
-            nn.init.zeros_(conv.weight)
-            nn.init.zeros_(conv.bias)
+        with torch.no_grad():  # small, not zero: see the module docstring
+            for conv in (self.zero_conv_full, self.zero_conv_face, self.zero_conv_lip):
+                conv.weight.mul_(ZERO_CONV_INIT_SCALE)
+                conv.bias.zero_()
 
     def audio_attention(self, x: torch.Tensor, audio_tokens: torch.Tensor) -> list[torch.Tensor]:
         """The three cross-attention outputs (before masks and zero convs), computed in one SDPA call.
@@ -146,8 +162,9 @@ class AudioModule(nn.Module):
     ``forward(x (N, C, H, W), *, audio_tokens (N, Na, Da), masks: AudioMasks | None) -> (N, C, H, W)``: the masks
     are (N, H*W, 1) in [0, 1] (None, or a None mask: weight 1 everywhere).
 
-    ``proj_out`` is zero-initialised here (Hallo's is not), so that together with the zero convs a fresh module
-    is an exact identity; released weights overwrite both.
+    ``proj_out`` has PyTorch's default init, like Hallo's. A fresh module is therefore not an identity, and
+    its output depends on the audio even while it is frozen (see the module docstring). Released weights
+    overwrite it.
     """
 
     def __init__(self, channels: int, heads: int, audio_dim: int, groups: int, inner: int | None = None):
@@ -156,9 +173,7 @@ class AudioModule(nn.Module):
         self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
         self.proj_in = nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList([AudioTransformerBlock(inner, heads, audio_dim)])
-        self.proj_out = nn.Conv2d(inner, channels, 1)
-        nn.init.zeros_(self.proj_out.weight)
-        nn.init.zeros_(self.proj_out.bias)
+        self.proj_out = nn.Conv2d(inner, channels, 1)  # PyTorch's default init, as in Hallo
 
     def forward(
         self, x: torch.Tensor, *, audio_tokens: torch.Tensor, masks: AudioMasks | None = None

@@ -2,7 +2,8 @@
 
 Per layer (see ``singer.models.unet_blocks``): resnet -> spatial attention (self-attention + reference K/V,
 cross-attention to face tokens) -> audio module -> motion module; SFM (``sfm``) on the middle-block output.
-Fresh audio modules, motion modules and SFM are exact identities.
+Fresh motion modules and SFM are exact identities. Fresh audio modules are not: their output depends on the
+audio even while they are frozen, so gradients reach the audio side (``singer.models.audio_module``).
 
 Reference states (``ReferenceUNet2D`` output): ``{attention name: (B, R*h*w, C)}`` (or ``(B*R, h*w, C)``,
 regrouped) for every name of ``attention_layer_names()``, R images per sample (the reference frame, then the
