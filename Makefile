@@ -113,6 +113,7 @@ bench: install
 	$(PY) benchmarks/generate.py
 	$(PY) benchmarks/evaluate.py
 	$(PY) benchmarks/gpu_paper.py
+	$(PY) benchmarks/paper_rehearsal.py
 
 s3-up: install
 	singer s3 up

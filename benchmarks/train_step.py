@@ -24,13 +24,17 @@ from common import matmul_peak_gflops, report  # noqa: E402
 def batch_for(cfg, b: int, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     r, f, m = cfg.crop.resolution, cfg.model.num_frames, cfg.model.motion_frames
-    masks = torch.zeros(b, 3, r, r)
-    masks[:, :, r // 8: -r // 8, r // 8: -r // 8] = 1
+    region = torch.zeros(b, 1, r, r)
+    region[:, :, r // 8: -r // 8, r // 8: -r // 8] = 1
+    masks = torch.cat([1 - region, region, torch.zeros_like(region)], dim=1)  # full, face, lip
+    clip_frames = 50  # the dataset gives the whole 2-s clip's audio and where the window starts in it
     return {"frames": torch.rand(b, 3, f, r, r, generator=g) * 2 - 1,
             "motion": torch.rand(b, 3, m, r, r, generator=g) * 2 - 1,
             "reference": torch.rand(b, 3, r, r, generator=g) * 2 - 1,
-            "audio": torch.randn(b, 16000 * f // 25, generator=g) * 0.1,
-            "masks": masks, "face_embedding": torch.randn(b, cfg.model.face_embed_dim, generator=g) * 0.1}
+            "audio": torch.randn(b, 16000 * max(clip_frames, f + m) // 25, generator=g) * 0.1,
+            "audio_start_frame": torch.full((b,), m, dtype=torch.long),
+            "masks": masks, "face_region": region,
+            "face_embedding": torch.randn(b, cfg.model.face_embed_dim, generator=g) * 0.1}
 
 
 def time_steps(model, batch, steps: int) -> float:

@@ -272,25 +272,45 @@ def generate(
     image: Path = typer.Option(..., help="portrait (jpg/png/...) with exactly one face"),
     audio: Path = typer.Option(..., help="song: wav, mp3, flac, mp4, ... any rate and channel count"),
     output: Path = typer.Option(..., help="the video to write (.mp4)"),
+    vocals: Path | None = typer.Option(None, help="the song's separated vocals: the model hears them (as Hallo), "
+                                                  "the video plays --audio"),
     model: str = typer.Option("models/full", help="a save_pretrained folder, or models:/<name>@<alias>"),
     steps: int | None = typer.Option(None, help="denoising steps (default: the model's)"),
     guidance: float | None = typer.Option(None, help="classifier-free guidance scale"),
     seed: int = typer.Option(0, help="random seed"),
     progress: bool = typer.Option(True, help="show a progress bar"),
+    pretrained: Path | None = typer.Option(None, help="instead of --model: build the model of --preset/-S on these "
+                                           "released weights (Hallo's pretrained_models/ or `singer convert`'s "
+                                           "output), MSM and SFM fresh"),
+    params: Path = ParamsOpt,
+    preset: str | None = PresetOpt,
+    set_: list[str] | None = SetOpt,
 ) -> None:
     """Turn a portrait and a song into a video of that person singing it."""
+    from pydantic import ValidationError as ConfigError
     from rich.markup import escape
 
     from singer.generate import GenerateError, generate_video
+
+    config = None
+    if pretrained is not None or set_ and any(o.strip().startswith("model.pretrained=") for o in set_):
+        try:
+            config = _load(params, preset, list(set_ or []) + ([f"model.pretrained={pretrained}"] if pretrained
+                                                               else []))
+        except (ConfigError, FileNotFoundError, ValueError) as exc:
+            _fail(f"generate: {exc}")
 
     def warn(message: str) -> None:
         console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
     try:
         info = generate_video(image, audio, output, model, steps=steps, guidance=guidance, seed=seed,
-                              progress=progress, warn=warn)
+                              progress=progress, warn=warn, vocals=vocals, config=config)
     except GenerateError as exc:
         _fail(str(exc))
+    if info.get("pretrained"):
+        console.print(f"pretrained {escape(str(info['model']))}: {info['pretrained']}", highlight=False,
+                      soft_wrap=True)
     console.print(f"[green]generate[/]: wrote {escape(str(output))} ({info['frames']} frames, "
                   f"{info['seconds']:.1f} s)", highlight=False, soft_wrap=True)
 
@@ -299,13 +319,20 @@ def generate(
 def convert(
     pretrained: Path = typer.Option(..., help="folder laid out like Hallo's pretrained_models/"),
     out: Path = typer.Option(Path("pretrained_models/converted"), help="where to write the converted weights"),
+    dtype: str = typer.Option("float32", help="float32 | float16 | bfloat16 | keep (as stored: Hallo's net.pth is "
+                              "fp16, so keep halves the output and loses nothing)"),
 ) -> None:
     """Map released Hallo / SINGER / SD-1.5 / AnimateDiff / wav2vec2 weights onto this model's modules."""
+    import torch
+
     from singer.models.convert import convert_files
 
     if not pretrained.is_dir():
         _fail(f"{pretrained} is not a folder")
-    report = convert_files(pretrained, out)
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "keep": None}
+    if dtype not in dtypes:
+        _fail(f"--dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
+    report = convert_files(pretrained, out, dtype=dtypes[dtype])
     console.print(json.dumps(report if isinstance(report, dict) else {"report": str(report)}, indent=1,
                              default=str)[:4000], highlight=False)
 

@@ -122,7 +122,8 @@ class ModelConfig(Section):
     layers_per_block: int = 1
     attention_head_dim: int = 2
     norm_num_groups: int = 8
-    cross_attention_dim: int = 64             # face tokens and audio tokens are projected to this width
+    cross_attention_dim: int = 64             # face tokens are projected to this width
+    audio_attention_dim: int | None = None    # audio tokens' width (Hallo: 768); None: cross_attention_dim
     motion_num_heads: int = 4
     motion_max_len: int = 32
     # audio encoder: wav2vec2. `audio_encoder_path`: local folder (paper: wav2vec2-base-960h); None = random
@@ -150,15 +151,23 @@ class ModelConfig(Section):
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085
     beta_end: float = 0.012
-    beta_schedule: str = "linear"
+    beta_schedule: str = "scaled_linear"     # Hallo trains with it (scripts/train_stage2.py:222-223)
     prediction_type: str = "v_prediction"
     inference_steps: int = 25
     guidance_scale: float = 3.5
     snr_gamma: float | None = 5.0             # min-SNR-gamma loss weighting (Hallo's snr_gamma); None: plain MSE
-    audio_dropout: float = 0.05               # condition dropout in training, for classifier-free guidance
-    reference_dropout: float = 0.05
+    # condition dropout in training, for classifier-free guidance (SingerModel.conditions says what a drop is):
+    # the whole unconditional branch (what guidance subtracts at inference), and each half on its own (Hallo's)
+    uncond_dropout: float = Field(0.05, ge=0, le=1)
+    audio_dropout: float = Field(0.05, ge=0, le=1)
+    reference_dropout: float = Field(0.05, ge=0, le=1)
+    # weights of the audio attention under the full (background), face and lip masks (Hallo's motion_scale)
+    motion_scale: list[float] = Field(default_factory=lambda: [1.0, 1.0, 1.0], min_length=3, max_length=3)
     # training: how often the motion frames are replaced by the reference image, as in a song's first window
     motion_as_reference_prob: float = 0.25
+    # released weights loaded by SingerModel.build (singer.models.pretrained): Hallo's pretrained_models/ folder,
+    # `singer convert`'s output or a save_pretrained folder; None: every weight from its random initialisation
+    pretrained: str | None = None
 
 
 class TrainConfig(Section):
@@ -183,6 +192,7 @@ class TrainConfig(Section):
     models_dir: Path = Path("models")
     checkpoints_dir: Path = Path("checkpoints")
     log_every: int = 1
+    gradient_checkpointing: bool = False      # on the UNets (paper: True); recomputes activations in backward
 
 
 class EvaluateConfig(Section):
@@ -234,6 +244,12 @@ class TrackingConfig(Section):
     artifact_location: str = "./mlartifacts"
     experiment: str = "singer"
     registered_model: str = "singer"
+    # checkpoints kept in MLflow per run: None keeps every one; N deletes all but the newest N (where the
+    # artifact store can delete; where it cannot, every one is kept and a warning says so)
+    checkpoint_retention: int | None = Field(None, ge=1)
+    # the training run copies models/<variant>/ into its artifacts (false: not; at paper scale that is 10 GB a
+    # run, and `singer register` logs the folder as the pyfunc model anyway)
+    log_model: bool = True
 
 
 class Config(Section):

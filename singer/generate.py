@@ -1,7 +1,12 @@
 """`singer generate`: a portrait and a song -> an mp4 of that person singing it, audio muxed in.
 
-    singer generate --image portrait.jpg --audio song.mp3 --output out.mp4 [--model models/full
-                    | --model models:/singer@champion] [--steps 25] [--guidance 3.5] [--seed 0]
+    singer generate --image portrait.jpg --audio song.mp3 --output out.mp4 [--vocals vocals.wav]
+                    [--model models/full | --model models:/singer@champion] [--steps 25] [--guidance 3.5] [--seed 0]
+    singer generate ... --pretrained pretrained_models --preset paper     # Hallo's weights + fresh MSM/SFM, untrained
+
+With ``--vocals`` (the song's separated vocals, e.g. from a source separator) the audio encoder hears the vocals,
+as Hallo's does (it separates them first: ``hallo/datasets/audio_processor.py:91-103``) and as training does when
+a clip has ``vocals.wav``; the video's sound track is still ``--audio``, and its length sets the video's.
 
 Every problem a user can cause (missing or unreadable files, audio shorter than a frame, no face or several
 faces, an output path that is a folder or in no folder, a model folder that is not one or is damaged, a
@@ -76,6 +81,24 @@ def load_song(path: Path) -> tuple[np.ndarray, np.ndarray, int]:
         raise GenerateError(f"audio in {path} is {1000 * len(model_audio) / SAMPLE_RATE:.0f} ms long, shorter than "
                             f"one video frame ({1000 // FPS} ms); give a longer song")
     return model_audio, native, rate
+
+
+def load_vocals(path: Path, samples: int, warn: Callable[[str], None] = print) -> np.ndarray:
+    """The vocals track at 16 kHz mono, cut or padded with silence to the song's `samples`."""
+    from singer.media import MediaError, read_audio
+
+    if not path.exists():
+        raise GenerateError(f"vocals file {path} does not exist")
+    try:
+        vocals, _ = read_audio(path, sample_rate=SAMPLE_RATE, mono=True)
+    except MediaError as exc:
+        raise GenerateError(f"cannot read audio from {path}: {exc}") from exc
+    if abs(len(vocals) - samples) > SAMPLE_RATE // 2:
+        warn(f"the vocals last {len(vocals) / SAMPLE_RATE:.1f} s, the song {samples / SAMPLE_RATE:.1f} s: "
+             f"the vocals are cut or padded with silence to the song")
+    out = np.zeros(samples, np.float32)
+    out[: min(samples, len(vocals))] = vocals[:samples]
+    return out
 
 
 def _redact(uri: str) -> str:
@@ -161,9 +184,26 @@ def load_pipeline(folder: Path):
                             f"incomplete: train it again (`singer train`) or fetch it again") from exc
 
 
+def build_pipeline(cfg):
+    """(pipeline, LoadReport): a pipeline built from the parameters, released weights included (``singer generate --pretrained DIR``:
+    Hallo + fresh MSM/SFM, no training), with the folder's problems in one line."""
+    from singer.models.pretrained import PretrainedMismatchError
+    from singer.models.singer import SingerModel
+    from singer.pipeline import SingerPipeline
+
+    try:
+        model = SingerModel.build(cfg.model, resolution=cfg.crop.resolution, fps=float(cfg.clip.fps))
+    except (PretrainedMismatchError, FileNotFoundError, ValueError) as exc:
+        raise GenerateError(f"cannot build the {cfg.preset} model on {cfg.model.pretrained}: {first_line(exc)}") \
+            from exc
+    return SingerPipeline.from_model(model.eval(), cfg.crop.resolution), getattr(model, "pretrained_report", None)
+
+
 def generate_video(image: Path, audio: Path, output: Path, model: str = "models/full", steps: int | None = None,
                    guidance: float | None = None, seed: int = 0, progress: bool = True,
-                   warn: Callable[[str], None] = print) -> dict:
+                   warn: Callable[[str], None] = print, vocals: Path | None = None, config=None) -> dict:
+    """Write `output`; the audio encoder hears `vocals` (16 kHz, fitted to the song) when given, else the song.
+    With `config` (a Config whose model.pretrained is set) the model is built from it instead of loading `model`."""
     from singer.faces import InputError, load_image, make_face_embedder, prepare_reference
 
     image, audio, output = Path(image), Path(audio), Path(output)
@@ -174,9 +214,10 @@ def generate_video(image: Path, audio: Path, output: Path, model: str = "models/
     except InputError as exc:
         raise GenerateError(str(exc)) from exc
     song, native, rate = load_song(audio)
-    if float(np.max(np.abs(song))) < 1e-4:
-        warn("the audio is silent: the mouth will stay closed")
-    folder = resolve_model(model)
+    heard = song if vocals is None else load_vocals(Path(vocals), len(song), warn)
+    if float(np.max(np.abs(heard))) < 1e-4:
+        warn(f"the {'audio' if vocals is None else 'vocals track'} is silent: the mouth will stay closed")
+    folder = resolve_model(model) if config is None else Path(config.model.pretrained)
 
     import torch
 
@@ -186,7 +227,7 @@ def generate_video(image: Path, audio: Path, output: Path, model: str = "models/
         from diffusers.utils import logging as diffusers_logging
 
         diffusers_logging.disable_progress_bar()
-    pipe = load_pipeline(folder)
+    pipe, loaded = (load_pipeline(folder), None) if config is None else build_pipeline(config)
     most = int(pipe.scheduler.config.num_train_timesteps)
     if steps is not None and steps > most:
         raise GenerateError(f"--steps must be at most {most} (the model's training timesteps), got {steps}")
@@ -199,7 +240,7 @@ def generate_video(image: Path, audio: Path, output: Path, model: str = "models/
     if minutes > 1:
         warn(f"{minutes:.1f} minutes of audio: generating in windows of {pipe.model_cfg.num_frames} frames")
     started = time.perf_counter()
-    result = pipe(reference, song, embedding, num_inference_steps=steps, guidance_scale=guidance,
+    result = pipe(reference, heard, embedding, num_inference_steps=steps, guidance_scale=guidance,
                   generator=torch.Generator().manual_seed(seed), progress=progress)
     seconds = len(result.frames) / result.fps
     try:
@@ -209,4 +250,5 @@ def generate_video(image: Path, audio: Path, output: Path, model: str = "models/
     except OSError as exc:
         raise GenerateError(f"cannot write {output}: {exc.strerror or exc}") from exc
     return {"frames": len(result.frames), "seconds": seconds, "compute_seconds": time.perf_counter() - started,
-            "model": str(folder), "output": os.fspath(output)}
+            "model": str(folder), "output": os.fspath(output),
+            "pretrained": loaded.summary() if loaded is not None else None}

@@ -92,7 +92,7 @@ class SingerPipeline(DiffusionPipeline):
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  generator: torch.Generator | None = None, num_frames: int | None = None,
                  progress: bool = True) -> SingerPipelineOutput:
-        """reference: `prepare_reference` output (image (H,W,3) uint8 at `resolution`, masks face/lip/pose);
+        """reference: `prepare_reference` output (image (H,W,3) uint8 at `resolution`, masks full/face/lip + face_region);
         audio: (S,) float 16 kHz mono; face_embedding: (E,) identity embedding of the reference."""
         cfg = self.model_cfg
         model = self.to_model()
@@ -115,8 +115,11 @@ class SingerPipeline(DiffusionPipeline):
         features = self.audio_encoder.window(hidden)            # (1, T', 2w+1, L, H)
 
         image = to_tensor_video(reference["image"][None])[:, 0][None].to(device, dtype)   # (1, 3, H, W)
-        masks = np.stack([reference["masks"]["face"], reference["masks"]["lip"], reference["masks"]["pose"]])
+        ref_masks = reference["masks"]
+        masks = np.stack([ref_masks["full"], ref_masks["face"], ref_masks["lip"]]).astype(np.float32)
+        region = np.asarray(ref_masks["face_region"], np.float32)[None]
         batch = {"reference": image, "masks": torch.as_tensor(masks, dtype=dtype, device=device)[None],
+                 "face_region": torch.as_tensor(region, dtype=dtype, device=device)[None],
                  "face_embedding": torch.as_tensor(face_embedding, dtype=dtype, device=device)[None]}
         motion = image.unsqueeze(2).expand(-1, -1, m, -1, -1)    # first window: the reference stands in
         latent_h = self.resolution // vae_scale_factor(self.vae)
@@ -127,9 +130,11 @@ class SingerPipeline(DiffusionPipeline):
         bar = tqdm(total=n_windows * steps, desc="generate", unit="step", disable=not progress)
         for k in range(n_windows):
             audio_tokens = self.audio_encoder.project(features[:, k * f:(k + 1) * f])
-            cond = model.conditions({**batch, "motion": motion}, audio_tokens=audio_tokens)
+            window = {**batch, "motion": motion}
             if guidance != 1:  # both branches in one batch, conditional first
-                cond = _stack(cond, cond.unconditional())
+                cond = model.guidance_conditions(window, audio_tokens=audio_tokens)
+            else:
+                cond = model.conditions(window, audio_tokens=audio_tokens)
             z = torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
             for t in self.scheduler.timesteps:
                 v = _guided(model, z, t.to(device), cond, guidance)
@@ -145,21 +150,10 @@ class SingerPipeline(DiffusionPipeline):
 
 def _guided(model: SingerModel, z: torch.Tensor, t: torch.Tensor, cond: Conditions, guidance: float) -> torch.Tensor:
     """Classifier-free guidance, ``v_uncond + guidance * (v_cond - v_uncond)``: ``cond`` is
-    ``_stack(conditional, unconditional)``, or the conditional alone when ``guidance == 1`` (then ``v_cond``)."""
+    ``SingerModel.guidance_conditions`` (conditional, then unconditional), or the conditional alone when
+    ``guidance == 1`` (then ``v_cond``)."""
     if guidance == 1:
         return model.denoise(z, t.expand(z.shape[0]), cond)
     v = model.denoise(torch.cat([z, z]), t.expand(2 * z.shape[0]), cond)
     v_cond, v_uncond = v.chunk(2)
     return v_uncond + guidance * (v_cond - v_uncond)
-
-
-def _stack(a: Conditions, b: Conditions) -> Conditions:
-    """Two condition sets as one batch (conditional first)."""
-    return Conditions(
-        face_tokens=torch.cat([a.face_tokens, b.face_tokens]),
-        audio_tokens=torch.cat([a.audio_tokens, b.audio_tokens]),
-        reference_states={name: torch.cat([a.reference_states[name], b.reference_states[name]])
-                          for name in a.reference_states},
-        masks={k: torch.cat([a.masks[k], b.masks[k]]) for k in a.masks},
-        face_features=torch.cat([a.face_features, b.face_features]),
-    )

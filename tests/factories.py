@@ -120,19 +120,42 @@ def truncated(src: Path, dst: Path, keep: float = 0.4) -> Path:
 
 
 def tiny_batch(batch: int = 2, frames: int = 8, motion: int = 2, size: int = 64, seed: int = 0) -> dict:
-    """A random training batch shaped like SingerClipDataset's items plus face embeddings."""
+    """A random training batch shaped like SingerClipDataset's items plus face embeddings: the whole clip's
+    audio (frames + motion + 3 frames long) with the window starting after the motion frames, Hallo's soft
+    masks (full, face, lip) and the hard face box."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    masks = torch.zeros(batch, 3, size, size)
-    masks[:, 2, 4:-4, 4:-4] = 1          # pose
-    masks[:, 0, 10:-10, 12:-12] = 1      # face
-    masks[:, 1, 40:52, 24:40] = 1        # lip
+    face = torch.zeros(batch, 1, size, size)
+    face[:, :, 8:-6, 10:-10] = 1
+    lip = torch.zeros(batch, 1, size, size)
+    lip[:, :, 40:52, 22:42] = 1
+    blur = torch.nn.AvgPool2d(9, stride=1, padding=4, count_include_pad=False)
+    face_soft, lip_soft = blur(face), blur(lip)
+    masks = torch.cat([1 - face_soft, (face_soft - lip_soft).clamp(min=0), lip_soft], dim=1)
+    clip_frames = frames + motion + 3
     return {
         "frames": torch.rand(batch, 3, frames, size, size, generator=g) * 2 - 1,
         "motion": torch.rand(batch, 3, motion, size, size, generator=g) * 2 - 1,
         "reference": torch.rand(batch, 3, size, size, generator=g) * 2 - 1,
-        "audio": torch.randn(batch, 16000 * frames // 25, generator=g) * 0.1,
+        "audio": torch.randn(batch, 16000 * clip_frames // 25, generator=g) * 0.1,
+        "audio_start_frame": torch.full((batch,), motion, dtype=torch.long),
         "masks": masks,
+        "face_region": face,
         "face_embedding": torch.randn(batch, 128, generator=g) * 0.1,
     }
+
+
+def fabricate_module():
+    """benchmarks/fabricate.py (fabricated release folders) as a module: benchmarks/ is not a package."""
+    import importlib.util
+    import sys
+
+    name = "singer_benchmarks_fabricate"
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / "fabricate.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

@@ -1,4 +1,4 @@
-"""Stage `crop`: face crops, landmarks, masks, reference frame, rejections, atomic output."""
+"""Stage `crop`: face crops, landmarks, Hallo's masks, reference frame, vocals, rejections, atomic output."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ class ClipDir:
         self.rows: list[dict] = []
 
     def add(self, clip_id: str, frames: np.ndarray | None = None, truth: dict | None = None,
-            video_bytes: bytes | None = None) -> None:
+            video_bytes: bytes | None = None, vocals: bool = False) -> None:
         video = self.root / f"{clip_id}.mp4"
         if video_bytes is not None:
             video.write_bytes(video_bytes)
@@ -51,6 +51,8 @@ class ClipDir:
             write_video(video, frames, FPS, crf=12)
             h, w = frames.shape[1:3]
         write_wav(self.root / f"{clip_id}.wav", tone(N / FPS), 16000)
+        if vocals:  # the separated vocals, as a separating clip stage will name them
+            write_wav(self.root / f"{clip_id}.vocals.wav", tone(N / FPS, freq=440.0), 16000)
         truth_name = ""
         if truth is not None:
             truth_name = f"{clip_id}.truth.json"
@@ -59,6 +61,7 @@ class ClipDir:
             "clip_id": clip_id, "video_id": f"v_{clip_id}", "subject": f"s_{clip_id}", "start_s": 0.0,
             "seconds": N / FPS, "fps": float(FPS), "n_frames": N, "width": w, "height": h,
             "video": f"{clip_id}.mp4", "audio": f"{clip_id}.wav", "truth": truth_name,
+            "vocals": f"{clip_id}.vocals.wav" if vocals else "",
         })
 
     def write(self) -> None:
@@ -78,7 +81,7 @@ def batch(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("crop")
     clips = ClipDir(tmp / "clips")
     clips.add("good", face_frames(N, (160, 160)), truth={"mouth_opening": [0.1] * N})
-    clips.add("portrait", face_frames(N, (320, 180), seed=2))
+    clips.add("portrait", face_frames(N, (320, 180), seed=2), vocals=True)
     clips.add("two_faces", face_frames(N, (160, 320), faces=2))
     clips.add("no_face", face_frames(N, (160, 160), faces=0))
     clips.add("jumpy", jumping_frames(N))
@@ -128,9 +131,11 @@ def test_good_clip_files_and_shapes(batch):
     lm = np.load(folder / "landmarks.npy")
     assert lm.shape == (N, 68, 2) and lm.dtype == np.float32
     masks = np.load(folder / "masks.npz")
-    for name in ("face", "lip", "pose"):
-        assert masks[name].shape == (res, res) and masks[name].dtype == np.uint8
-        assert set(np.unique(masks[name])) <= {0, 1}
+    assert sorted(masks.files) == ["face", "face_region", "full", "lip"]
+    for name in ("full", "face", "lip"):  # soft, in [0, 1]
+        assert masks[name].shape == (res, res) and masks[name].dtype == np.float16
+        assert masks[name].min() >= 0 and masks[name].max() <= 1 and len(np.unique(masks[name])) > 10
+    assert masks["face_region"].dtype == np.uint8 and set(np.unique(masks["face_region"])) == {0, 1}
     ref = cv2.imread(str(folder / "reference.png"))
     assert ref.shape == (res, res, 3)
     assert (folder / "audio.wav").read_bytes() == (cfg.paths.clips / "good.wav").read_bytes()
@@ -145,6 +150,9 @@ def test_good_clip_files_and_shapes(batch):
     assert 0 <= row["jitter"] <= cfg.crop.max_jitter
     portrait = pd.read_parquet(cfg.paths.crops / "manifest.parquet").set_index("clip_id").loc["portrait"]
     assert not portrait["has_truth"] and not (cfg.paths.crops / "portrait" / "truth.json").exists()
+    # separated vocals named by the clips manifest are copied; a clip without them gets none
+    vocals = (cfg.paths.crops / "portrait" / "vocals.wav").read_bytes()
+    assert vocals == (cfg.paths.clips / "portrait.vocals.wav").read_bytes()
 
 
 @pytest.mark.parametrize("clip_id", ["good", "portrait"])
@@ -166,16 +174,29 @@ def test_landmarks_inside_crop_and_match_dlib_on_the_crop(batch, clip_id):
     assert max(errors) < 1.5, errors  # pixels at 64^2
 
 
-def test_masks_nest(batch):
+def test_masks_are_hallos_training_masks(batch):
+    """Hallo's training masks (image_processor.py:304-314): the face and lip boxes of every frame united, ratio 1,
+    blurred: full = the background, face = the face without the lips, lip = the lips; face_region = the hard
+    face box. Here from the clip's own crop landmarks, at crop resolution."""
     cfg, _ = batch
+    res = cfg.crop.resolution
     for clip_id in ("good", "portrait"):
-        m = {k: v.astype(bool) for k, v in np.load(cfg.paths.crops / clip_id / "masks.npz").items()}
-        assert 0 < m["lip"].sum() < m["face"].sum() <= m["pose"].sum() < m["pose"].size
-        assert (m["lip"] & ~m["face"]).sum() <= 0.05 * m["lip"].sum()
-        assert (m["face"] & ~m["pose"]).sum() <= 0.01 * m["face"].sum()
+        stored = np.load(cfg.paths.crops / clip_id / "masks.npz")
         lm = np.load(cfg.paths.crops / clip_id / "landmarks.npy")
-        mouth = np.round(lm[:, 48:68].reshape(-1, 2)).astype(int)
-        assert m["lip"][mouth[:, 1], mouth[:, 0]].all()
+        expected = F.make_masks(lm, res)
+        for k in ("full", "face", "lip"):
+            np.testing.assert_allclose(stored[k].astype(np.float32), expected[k], atol=1e-3)
+        assert np.array_equal(stored["face_region"], expected["face_region"])
+        region = stored["face_region"].astype(bool)
+        outline = np.round(F.face_outline(lm[0])).astype(int).clip(0, res - 1)
+        assert region[outline[:, 1], outline[:, 0]].mean() > 0.9  # the face box holds the face
+        assert region.sum() < region.size
+        mouth = np.round(lm[:, 48:60].reshape(-1, 2).mean(0)).astype(int)
+        full, face, lip = (stored[k].astype(np.float32) for k in ("full", "face", "lip"))
+        assert lip[mouth[1], mouth[0]] > 0.9 and face[mouth[1], mouth[0]] < 0.1
+        centre = np.round(lm[0, 27:31].mean(0)).astype(int)  # the nose: face, not lip, not background
+        assert face[centre[1], centre[0]] > 0.3 and full[centre[1], centre[0]] < 0.05
+        assert full.max() > 0.5  # there is background
 
 
 def test_failing_runs_leave_previous_output_intact(batch, tmp_path, monkeypatch):

@@ -198,7 +198,8 @@ def test_audio_controls_drive_generation_with_other_or_no_audio(eval_project):
     clips = test_clips(cfg)
     evaluator = ClipEvaluator(cfg)
     own = evaluator._read(clips[0]["clip_id"])[2]
-    partner = evaluator._read(clips[0]["audio_from"])[2]
+    # the partner clip's encoder audio: its vocals.wav where the clip stage separated them (as Hallo's encoder)
+    partner = evaluator._read(clips[0]["audio_from"])[0].encoder_audio(clips[0]["audio_from"])
     assert clips[0]["audio_from"] != clips[0]["clip_id"]
     driving = evaluator._driving_audio(clips[0], own)
     assert len(driving) == len(own)

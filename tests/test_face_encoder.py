@@ -232,12 +232,17 @@ def test_prepare_reference_on_the_astronaut(astronaut):
     assert image.shape == (64, 64, 3) and image.dtype == np.uint8
     assert lm.shape == (68, 2) and lm.dtype == np.float32
     assert (lm >= 0).all() and (lm <= 63).all()
-    assert set(masks) == {"face", "lip", "pose"}
-    face, lip, pose = (masks[k].astype(bool) for k in ("face", "lip", "pose"))
-    for m in masks.values():
-        assert m.shape == (64, 64) and m.dtype == np.uint8 and set(np.unique(m)) <= {0, 1}
-    assert lip.any() and not (lip & ~face).any() and not (face & ~pose).any()
-    assert lip.sum() < face.sum() < pose.sum()
+    # Hallo's masks (singer.faces.masks; tests/test_hallo_semantics.py checks the rule): soft full / face / lip,
+    # the hard face box
+    assert set(masks) == {"full", "face", "lip", "face_region"}
+    for k in ("full", "face", "lip"):
+        assert masks[k].shape == (64, 64) and masks[k].dtype == np.float32
+        assert masks[k].min() >= 0 and masks[k].max() <= 1
+    region = masks["face_region"]
+    assert region.shape == (64, 64) and region.dtype == np.uint8 and set(np.unique(region)) == {0, 1}
+    mouth = np.round(lm[48:60].mean(0)).astype(int)
+    assert masks["lip"][mouth[1], mouth[0]] > 0.9 and masks["face"][mouth[1], mouth[0]] < 0.1
+    assert region[np.round(lm[:, 1]).astype(int), np.round(lm[:, 0]).astype(int)].all()  # the box holds the face
     # The face spans `scale` of the crop (landmark extent / side), as in the crop stage.
     extent = (lm.max(0) - lm.min(0)).max()
     assert abs(extent / 64 - 0.8) < 0.02

@@ -310,3 +310,39 @@ def test_minutes_of_audio_are_generated_in_windows(inputs, model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert "windows" in result.output
     assert probe(tmp_path / "long.mp4").n_frames == 125 * 25
+
+
+def test_the_model_hears_the_vocals_and_the_video_plays_the_song(inputs, model_dir, tmp_path, monkeypatch):
+    """Hallo's audio encoder hears the separated vocals (hallo/datasets/audio_processor.py:91-103): with
+    `--vocals` the pipeline gets the vocals (16 kHz, fitted to the song's length), the video's sound and length
+    stay the song's; a vocals file that is not there is one line."""
+    from singer.media import read_audio
+    from singer.pipeline import SingerPipeline
+
+    heard = []
+    original = SingerPipeline.__call__
+
+    def spy(self, reference, audio, *args, **kwargs):
+        heard.append(np.asarray(audio))
+        return original(self, reference, audio, *args, **kwargs)
+
+    monkeypatch.setattr(SingerPipeline, "__call__", spy)
+    t = np.arange(int(16000 * 0.5)) / 16000
+    vocals = (0.3 * np.sin(2 * np.pi * 660 * t)).astype(np.float32)  # 0.5 s: padded to the 0.6-s song
+    sf.write(tmp_path / "vocals.wav", vocals, 16000)
+    out = tmp_path / "out.mp4"
+    result = run("--image", inputs / "portrait.jpg", "--audio", inputs / "stereo44k.wav", "--vocals",
+                 tmp_path / "vocals.wav", "--output", out, "--model", model_dir)
+    assert result.exit_code == 0, result.output
+    song, _ = read_audio(inputs / "stereo44k.wav", sample_rate=16000, mono=True)
+    assert heard[0].shape == song.shape
+    assert np.allclose(heard[0][: len(vocals)], vocals, atol=1e-4) and not heard[0][len(vocals):].any()
+    info = probe(out)
+    assert info.n_frames == 15 and info.has_audio
+    played, _ = read_audio(out, sample_rate=16000, mono=True)
+    n = min(len(played), len(song)) - 1600
+    to_song = abs(np.corrcoef(played[800:n], song[800:n])[0, 1])
+    assert to_song > 0.9  # the sound track is the song, not the vocals
+    result = run("--image", inputs / "portrait.jpg", "--audio", inputs / "stereo44k.wav", "--vocals",
+                 tmp_path / "missing.wav", "--output", tmp_path / "b.mp4", "--model", model_dir)
+    assert_one_line_error(result, "vocals file")

@@ -184,32 +184,48 @@ def test_trained_msm_and_sfm_survive_save_and_load(cfg, trained, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # classifier-free guidance
 
-# What classifier-free guidance drops, stated once: which `Conditions` fields each training dropout
-# (model.audio_dropout, model.reference_dropout) replaces, and with what. The unconditional branch at inference
-# (`Conditions.unconditional`) is every dropout at once. Today's rule: zeros for the audio tokens and the face
-# tokens; the reference attention, masks and face-locator features are kept. (Hallo's rule also drops the reference
-# attention and the face-locator features, and its "no identity" tokens are the image projection of zeros: change
-# GUIDANCE_DROPS and `dropped` when the model does.)
-GUIDANCE_DROPS = {"audio_dropout": ("audio_tokens",), "reference_dropout": ("face_tokens",)}
+# What classifier-free guidance drops, stated once (Hallo's unconditional branch, face_animate.py:295, 343,
+# 377-378 and mutual_self_attention.py:264-284; shared/reference/hallo_golden/README.md): dropping the audio
+# zeroes the projected audio tokens; dropping the image makes the identity tokens the projection of a zero
+# embedding (not zeros), removes the face-locator features and the reference attention (reference_keep False);
+# the motion frames (the reference pass, here run with those same tokens) and the masks stay. The unconditional
+# branch at inference is both drops at once; training's dropouts produce exactly these.
+GUIDANCE_DROPS = ("audio_dropout", "reference_dropout")
 
 
-def dropped(cond: Conditions, *dropouts: str) -> Conditions:
-    """`cond` as the guidance rule says it looks after the named dropouts."""
-    fields = {field for name in dropouts for field in GUIDANCE_DROPS[name]}
-    return dataclasses.replace(cond, **{f: torch.zeros_like(getattr(cond, f)) for f in fields})
+def dropped(model, batch: dict, cond: Conditions, *dropouts: str) -> Conditions:
+    """`cond` as the guidance rule says it looks after the named dropouts, computed from the model's parts."""
+    changes = {}
+    if "audio_dropout" in dropouts:
+        changes["audio_tokens"] = torch.zeros_like(cond.audio_tokens)
+    if "reference_dropout" in dropouts:
+        tokens = model.face_encoder(torch.zeros_like(batch["face_embedding"]))
+        changes.update(face_tokens=tokens, face_features=torch.zeros_like(cond.face_features),
+                       reference_states=model.reference_states(batch["reference"], batch["motion"], tokens),
+                       reference_keep=torch.zeros(tokens.shape[0], dtype=torch.bool))
+    return dataclasses.replace(cond, **changes)
 
 
-def unconditional(cond: Conditions) -> Conditions:
-    return dropped(cond, *GUIDANCE_DROPS)
+def unconditional(model, batch: dict, cond: Conditions) -> Conditions:
+    return dropped(model, batch, cond, *GUIDANCE_DROPS)
 
 
 def assert_same_conditions(a: Conditions, b: Conditions):
+    """Field by field; values to float32 rounding (one batch of 2B and two of B differ in the last bits)."""
+    def same(x, y, name):
+        assert x.shape == y.shape and x.dtype == y.dtype, name
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=2e-5, msg=name)
+
     for field in dataclasses.fields(Conditions):
         x, y = getattr(a, field.name), getattr(b, field.name)
-        if isinstance(x, dict):
-            assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), field.name
+        if x is None or y is None:
+            assert x is None and y is None, field.name
+        elif isinstance(x, dict):
+            assert x.keys() == y.keys(), field.name
+            for k in x:
+                same(x[k], y[k], f"{field.name}[{k}]")
         else:
-            assert torch.equal(x, y), field.name
+            same(x, y, field.name)
 
 
 def with_face_features(model):
@@ -228,8 +244,10 @@ def _signature(x: torch.Tensor) -> torch.Tensor:
 def condition_signature(cond: Conditions) -> torch.Tensor:
     """(B, K): one signature per part of the conditions (audio tokens, face tokens, face-locator features, each
     reference state, each mask)."""
+    keep = cond.reference_keep
+    keep = torch.ones(cond.face_tokens.shape[0]) if keep is None else keep.float()
     parts = [cond.audio_tokens, cond.face_tokens, cond.face_features, *cond.reference_states.values(),
-             *cond.masks.values()]
+             *cond.masks.values(), keep[:, None]]
     return torch.stack([_signature(x) for x in parts], dim=1)
 
 
@@ -268,11 +286,12 @@ def pipeline_inputs(cfg, seconds):
 def conditions_as_the_pipeline_should_build_them(model, reference, audio, face):
     """The conditions of the first window, from the model's own `conditions` (not the pipeline's code)."""
     image = torch.from_numpy(reference["image"]).permute(2, 0, 1).float().div(127.5).sub(1)[None]
-    masks = np.stack([reference["masks"][k] for k in ("face", "lip", "pose")])
+    masks = np.stack([reference["masks"][k] for k in ("full", "face", "lip")]).astype(np.float32)
+    region = np.asarray(reference["masks"]["face_region"], np.float32)[None, None]
     batch = {"reference": image, "motion": image.unsqueeze(2).expand(-1, -1, model.cfg.motion_frames, -1, -1),
-             "audio": torch.from_numpy(audio)[None], "masks": torch.as_tensor(masks, dtype=torch.float32)[None],
-             "face_embedding": torch.from_numpy(face)[None]}
-    return model.conditions(batch)
+             "audio": torch.from_numpy(audio)[None], "masks": torch.as_tensor(masks)[None],
+             "face_region": torch.from_numpy(region), "face_embedding": torch.from_numpy(face)[None]}
+    return batch, model.conditions(batch)
 
 
 @pytest.mark.parametrize("guidance", [1.0, 3.5])
@@ -301,8 +320,8 @@ def test_guidance_matches_an_independent_computation(cfg, monkeypatch, guidance,
                generator=torch.Generator().manual_seed(0), num_frames=frames, progress=False)
 
     with torch.no_grad():
-        cond = conditions_as_the_pipeline_should_build_them(model, reference, audio, face)
-        uncond = unconditional(cond)
+        batch, cond = conditions_as_the_pipeline_should_build_them(model, reference, audio, face)
+        uncond = unconditional(model, batch, cond)
         scheduler = make_scheduler(cfg.model)
         scheduler.set_timesteps(steps)
         z = torch.randn(given[0].shape, generator=torch.Generator().manual_seed(0))
@@ -330,7 +349,8 @@ def test_guidance_matches_an_independent_computation(cfg, monkeypatch, guidance,
 def test_condition_dropout_trains_the_unconditional_branch(cfg, monkeypatch, audio_p, reference_p):
     """Dropout probability 1 gives exactly the guidance rule's conditions (both at once: exactly what the
     pipeline's unconditional branch gets); probability 0 leaves the conditions alone."""
-    model = build(cfg, audio_dropout=audio_p, reference_dropout=reference_p, motion_as_reference_prob=0.0)
+    model = build(cfg, audio_dropout=audio_p, reference_dropout=reference_p, uncond_dropout=0.0,
+                  motion_as_reference_prob=0.0)
     model = with_face_features(model.eval())
     seen = []
 
@@ -345,19 +365,53 @@ def test_condition_dropout_trains_the_unconditional_branch(cfg, monkeypatch, aud
         full = model.conditions(batch)
     hit = [name for name, p in (("audio_dropout", audio_p), ("reference_dropout", reference_p)) if p == 1]
     assert len(seen) == 1
-    assert_same_conditions(seen[0], dropped(full, *hit))
-    if len(hit) == len(GUIDANCE_DROPS):
-        assert_same_conditions(seen[0], full.unconditional())  # what inference's unconditional branch sees
+    with torch.no_grad():
+        expected = dropped(model, batch, full, *hit)
+    assert_same_conditions(seen[0], expected)
+    if len(hit) == len(GUIDANCE_DROPS):  # what inference's unconditional branch sees
+        with torch.no_grad():
+            pair = model.guidance_conditions(batch)
+        assert_same_conditions(seen[0], _half(pair, 1))
+
+
+def test_uncond_dropout_alone_drops_both(cfg, monkeypatch):
+    model = with_face_features(build(cfg, audio_dropout=0.0, reference_dropout=0.0, uncond_dropout=1.0,
+                                     motion_as_reference_prob=0.0).eval())
+    seen = []
+    monkeypatch.setattr(SingerModel, "denoise", lambda self, z, t, cond: seen.append(cond) or torch.zeros_like(z))
+    batch = tiny_batch(2)
+    with torch.no_grad():
+        model.training_loss(batch, generator=torch.Generator().manual_seed(0))
+        expected = unconditional(model, batch, model.conditions(batch))
+    assert_same_conditions(seen[0], expected)
+
+
+def _half(cond: Conditions, index: int) -> Conditions:
+    """Half ``index`` (0: conditional, 1: unconditional) of ``guidance_conditions``' batch."""
+    def pick(x):
+        return None if x is None else x.chunk(2)[index]
+    keep = pick(cond.reference_keep)
+    return dataclasses.replace(
+        cond, face_tokens=pick(cond.face_tokens), audio_tokens=pick(cond.audio_tokens),
+        face_features=pick(cond.face_features), masks={k: pick(v) for k, v in cond.masks.items()},
+        reference_states={k: pick(v) for k, v in cond.reference_states.items()},
+        reference_keep=None if keep is not None and bool(keep.all()) else keep)
 
 
 def test_the_unconditional_branch_follows_the_rule(cfg):
     model = with_face_features(build(cfg).eval())
     with torch.no_grad():
-        cond = model.conditions(tiny_batch(2))
+        batch = tiny_batch(2)
+        cond = model.conditions(batch)
+        pair = model.guidance_conditions(batch)
+        expected = unconditional(model, batch, cond)
     for field in dataclasses.fields(Conditions):  # every part is non-zero, so dropping any of them would show
         value = getattr(cond, field.name)
-        assert all(torch.count_nonzero(v) for v in (value.values() if isinstance(value, dict) else [value]))
-    assert_same_conditions(cond.unconditional(), unconditional(cond))
+        if value is not None:
+            assert all(torch.count_nonzero(v) for v in (value.values() if isinstance(value, dict) else [value]))
+    assert_same_conditions(_half(pair, 0), cond)
+    assert_same_conditions(_half(pair, 1), expected)
+    assert expected.face_tokens.abs().max() > 0.1  # imageproj(0) is not zero
 
 
 @pytest.mark.slow

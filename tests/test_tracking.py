@@ -450,3 +450,53 @@ def test_s3_artifact_store_and_outage(ml, tmp_path, s3_bucket, s3_env):
     assert not any("step-000010" in k for k in keys)
     assert tracking.failures() == {"checkpoint": 1}
     print(f"one failed checkpoint upload while S3 was down took {outage_s:.1f} s")
+
+
+# ------------------------------------------------------------- checkpoint retention (singer.release.retention)
+
+
+def _log_steps(ml, tmp_path, steps, retention):
+    folder = tmp_path / "one"
+    folder.mkdir(exist_ok=True)
+    with tracking.start_run(ml, "train") as run:
+        for step in steps:
+            (folder / "weights.bin").write_bytes(bytes([step]))
+            assert tracking.log_checkpoint(folder, step, retention=retention)
+    return run.info.run_id
+
+
+def test_retention_keeps_the_newest_n_checkpoints(ml, tmp_path):
+    run_id = _log_steps(ml, tmp_path, [5, 10, 15, 20], retention=2)
+    logged = sorted(a.path for a in _client().list_artifacts(run_id, "checkpoints"))
+    assert logged == ["checkpoints/step-000015", "checkpoints/step-000020"]
+    assert tracking.failures() == {}
+
+
+def test_no_retention_keeps_every_checkpoint(ml, tmp_path):
+    run_id = _log_steps(ml, tmp_path, [5, 10, 15], retention=None)
+    assert len(_client().list_artifacts(run_id, "checkpoints")) == 3
+
+
+def test_a_store_that_cannot_delete_keeps_everything_and_says_so(ml, tmp_path, monkeypatch):
+    from mlflow.store.artifact.artifact_repo import ArtifactRepository
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+    monkeypatch.setattr(LocalArtifactRepository, "delete_artifacts", ArtifactRepository.delete_artifacts)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_id = _log_steps(ml, tmp_path, [5, 10, 15], retention=1)
+    assert len(_client().list_artifacts(run_id, "checkpoints")) == 3
+    said = [str(w.message) for w in caught if "checkpoint_retention" in str(w.message)]
+    assert len(said) == 1 and "keeps every checkpoint" in said[0]
+
+
+def test_retention_is_a_positive_count():
+    from pydantic import ValidationError
+
+    from singer.config import load_config
+
+    with pytest.raises(ValidationError):
+        load_config(overrides=["tracking.checkpoint_retention=0"])
+    assert load_config().tracking.checkpoint_retention is None

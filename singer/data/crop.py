@@ -1,4 +1,4 @@
-"""Stage `crop`: square face crops, 68-point landmarks, face / lip / pose masks and a reference frame.
+"""Stage `crop`: square face crops, 68-point landmarks, Hallo's full / face / lip masks and face box, a reference.
 
     singer crop              # paths.clips -> paths.crops, params crop.*
 
@@ -52,13 +52,11 @@ reference frame, writing the outputs, the worker pool.
 5. **Crop** (`singer.faces.crop.crop_frame`): an affine warp (bilinear) to an integer multiple of
    `crop.resolution`, then an exact box filter (`INTER_AREA`) down to the resolution, so downscaling
    does not alias.
-6. **Masks** (`singer.faces.masks.make_masks`) at crop resolution, uint8 {0, 1}, unions over the clip's
-   frames (Hallo-style):
-   - `face`: convex hull of the jaw and brows (0-26) with the brows raised by `FOREHEAD` x the
-     chin-to-nose-bridge distance to take in the forehead (these constants live in `singer.faces.masks`);
-   - `lip`: convex hull of the outer lip (48-59), dilated by `LIP_MARGIN` x the mouth width;
-   - `pose`: the bounding boxes of the face region, grown by `POSE_GROW` about their centres: the region
-     the head moves in. By construction lip is (nearly) inside face, and face inside pose.
+6. **Masks** (`singer.faces.masks.make_masks`, Hallo's rule, file:line there), from the clip's crop landmarks:
+   the face box (jaw, brows, forehead) and the outer-lip box of every frame, united into their bounding box
+   (ratio 1, as Hallo's training data), blurred on a 64x64 canvas (kernels 51 and 31), min-max normalised;
+   `full` = 1 - blurred face (the background), `face` = blurred face - blurred lip, `lip` = blurred lip, soft
+   in [0, 1] at crop resolution; `face_region` = the hard face box, the face locator's input.
 7. **Reference frame**: the frame with the most closed mouth (the smallest `singer.faces.mouth_opening`
    among detected frames; the earliest frame within 0.02 of that minimum, to prefer the start of the clip).
    Why not the first frame: the reference conditions identity and appearance; a closed mouth carries no
@@ -78,8 +76,9 @@ previous output is left as it was, and `metrics/crop.json` still tells why.
 Output (`paths.crops`, swapped in atomically; a failed run leaves the previous output intact):
     <clip_id>/frames.mp4      resolution^2, clip fps, H.264 at crop.crf, no audio
     <clip_id>/audio.wav       the clip's 16 kHz mono audio, copied
+    <clip_id>/vocals.wav      its separated vocals, copied when the clips manifest names them (`vocals`)
     <clip_id>/landmarks.npy   (T, 68, 2) float32 in crop pixels
-    <clip_id>/masks.npz       face, lip, pose: (H, W) uint8 {0, 1}
+    <clip_id>/masks.npz       full, face, lip: (H, W) float16 in [0, 1]; face_region: (H, W) uint8 {0, 1}
     <clip_id>/reference.png   the reference frame (crop)
     <clip_id>/meta.json       crop_boxes (the crop per frame, source pixels), face_boxes and scores (dlib,
                               null where missing), landmarks_source, jitter, missing_fraction, keyframes,
@@ -216,8 +215,12 @@ def process_clip(row: dict, clips_dir: Path, out_dir: Path, cfg: Config) -> dict
         audio = _text(row, "audio")
         if audio:
             shutil.copyfile(clips_dir / audio, folder / "audio.wav")
+        vocals = _text(row, "vocals")
+        if vocals:
+            shutil.copyfile(clips_dir / vocals, folder / "vocals.wav")
         np.save(folder / "landmarks.npy", landmarks)
-        np.savez_compressed(folder / "masks.npz", **masks)
+        np.savez_compressed(folder / "masks.npz", **{k: v if v.dtype == np.uint8 else v.astype(np.float16)
+                                                    for k, v in masks.items()})
         cv2.imwrite(str(folder / "reference.png"), cv2.cvtColor(crops[reference], cv2.COLOR_RGB2BGR))
         truth = _text(row, "truth")
         if truth:
@@ -248,7 +251,7 @@ def process_clip(row: dict, clips_dir: Path, out_dir: Path, cfg: Config) -> dict
             "missing_fraction": float(1 - detected.mean()),
             "mouth_opening": np.round(mouth, 5),
             "reference_frame": reference,
-            "mask_pixels": {k: int(v.sum()) for k, v in masks.items()},
+            "mask_pixels": {k: round(float(v.sum()), 2) for k, v in masks.items()},
         }
         write_json_atomic(folder / "meta.json", meta)
     except BaseException:

@@ -142,7 +142,7 @@ class ClipEvaluator:
         if control == "silent":
             return np.zeros_like(audio)
         if control == "shuffled" and clip.get("audio_from"):
-            other = self._read(clip["audio_from"])[2][: len(audio)]
+            other = self._read(clip["audio_from"])[0].encoder_audio(clip["audio_from"])[: len(audio)]
             return np.pad(other, (0, len(audio) - len(other)))
         return audio
 
@@ -154,6 +154,7 @@ class ClipEvaluator:
         i3d_real/i3d_fake (features or None), frames (ground truth, generated) when `keep_frames`}."""
         import torch
 
+        from singer.data.dataset import fit_length
         from singer.evaluate.metrics import METRICS
         from singer.evaluate.metrics.base import MetricResult, video_landmarks
         from singer.evaluate.metrics.identity import identity_similarity
@@ -172,9 +173,11 @@ class ClipEvaluator:
         timings["load"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        ref = {"image": reference, "masks": {"face": masks[0], "lip": masks[1], "pose": masks[2]}}
+        ref = {"image": reference, "masks": masks}  # full/face/lip/face_region, as prepare_reference gives
+        # the encoder hears the clip's vocals when it has them (Hallo separates them); the metrics hear the song
+        heard = fit_length(ds.encoder_audio(clip["clip_id"]), len(audio))
         generator = torch.Generator().manual_seed(int(ec.seed) + int(clip["index"]))
-        out = self.pipe(ref, self._driving_audio(clip, audio), embedding, num_inference_steps=ec.inference_steps,
+        out = self.pipe(ref, self._driving_audio(clip, heard), embedding, num_inference_steps=ec.inference_steps,
                         guidance_scale=ec.guidance_scale, generator=generator, num_frames=n, progress=False)
         generated = np.ascontiguousarray(out.frames[:n])
         timings["generate"] = time.perf_counter() - t0

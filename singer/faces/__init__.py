@@ -7,7 +7,7 @@ by the metrics (`singer.evaluate.metrics`). Offline: dlib (`dlib-bin`) with the 
     landmarks   the 68-point predictor, `detect_landmarks`, `mouth_opening`, `inter_ocular`, landmark groups
     track       following one face through a clip's frames (`track_faces`), `fill_missing`
     crop        crop geometry (`crop_geometry`, `crop_frame`, `to_crop`): "scale 0.8 around the face"
-    masks       face / lip / pose masks (`make_masks`)
+    masks       Hallo's soft full / face / lip masks and the hard face_region box (`make_masks`)
     portrait    one image with one face: `find_face`, `load_image`, `prepare_reference` (crop + masks, as in
                 training) and the one-line `InputError` family
     identity    identity embedders (`DlibFaceEmbedder`, `InsightFaceEmbedder`, `make_face_embedder`)
@@ -27,7 +27,7 @@ from singer.faces.identity import (
     similarity_transform,
 )
 from singer.faces.landmarks import detect_landmarks, inter_ocular, landmarks68, mouth_opening
-from singer.faces.masks import face_region, make_masks
+from singer.faces.masks import INFERENCE_FACE_EXPAND, INFERENCE_LIP_EXPAND, face_outline, make_masks
 from singer.faces.portrait import (
     FaceDetection,
     InputError,
@@ -42,6 +42,8 @@ from singer.faces.track import Track, fill_missing, track_faces
 
 __all__ = [
     "ARCFACE_TEMPLATE",
+    "INFERENCE_FACE_EXPAND",
+    "INFERENCE_LIP_EXPAND",
     "Box",
     "DlibFaceEmbedder",
     "FaceDetection",
@@ -59,7 +61,7 @@ __all__ = [
     "detect_landmarks",
     "detect_region",
     "detect_scaled",
-    "face_region",
+    "face_outline",
     "face_size",
     "fill_missing",
     "find_face",

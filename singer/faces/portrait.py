@@ -4,7 +4,8 @@
     ref = prepare_reference(image, resolution=64)         # or prepare_reference("portrait.jpg", 64)
     ref["image"]      (64, 64, 3) uint8  the face crop (scale 0.8: the face spans 0.8 of the side)
     ref["landmarks"]  (68, 2) float32    dlib's 68 points in crop pixels (pixel centres are integers)
-    ref["masks"]      {"face", "lip", "pose"}: (64, 64) uint8 {0, 1}
+    ref["masks"]      "full", "face", "lip": (64, 64) float32 in [0, 1] (soft; Hallo's background / face
+                      minus lip / lip), "face_region": (64, 64) uint8 {0, 1} (the hard face box)
     ref["crop_box"]   (x0, y0, x1, y1) of the crop in source pixels; ref["score"] the detector's score
 
 Detection (``find_face``), the crop stage's rules on one frame:
@@ -17,8 +18,11 @@ Detection (``find_face``), the crop stage's rules on one frame:
   ``ManyFacesError``. Judged by score and size, not by count (DESIGN section 6).
 * The 68 landmarks are fitted on the full-resolution image.
 
-Cropping uses ``singer.faces.crop`` (``crop_geometry`` / ``crop_frame`` / ``to_crop``) and ``singer.faces.masks``
-(``make_masks``) on a one-frame track, so a portrait is cropped like the reference frame of a training clip.
+Cropping uses ``singer.faces.crop`` (``crop_geometry`` / ``crop_frame`` / ``to_crop``) on a one-frame track, so a
+portrait is cropped like the reference frame of a training clip. The masks are ``singer.faces.masks.make_masks``
+with Hallo's inference ratios (face box x1.2, lip box x2.0, as its ``ImageProcessor.preprocess`` builds them for one
+image): a still portrait must cover where the face and lips will move, which a training clip's masks get from
+the union of its frames' boxes.
 
 Errors are one line each and subclass ``InputError`` (a ``ValueError``): ``NoFaceError``, ``ManyFacesError``,
 and ``InputError`` itself for files that are missing or not images.
@@ -36,7 +40,7 @@ from singer.config import CropConfig
 from singer.faces.crop import crop_frame, crop_geometry, to_crop
 from singer.faces.detect import HOG_MIN_FACE, Box, box_side, detect_scaled, iou
 from singer.faces.landmarks import landmarks68
-from singer.faces.masks import make_masks
+from singer.faces.masks import INFERENCE_FACE_EXPAND, INFERENCE_LIP_EXPAND, make_masks
 
 __all__ = [
     "FaceDetection",
@@ -174,7 +178,7 @@ def prepare_reference(
     geo = crop_geometry(lm_src, np.ones(1, dtype=bool), cc)
     crop = crop_frame(image, geo.centres[0], geo.side, cc.resolution)
     landmarks = to_crop(lm_src, geo.centres, geo.side, cc.resolution).astype(np.float32)
-    masks = make_masks(landmarks, cc.resolution)
+    masks = make_masks(landmarks, cc.resolution, INFERENCE_FACE_EXPAND, INFERENCE_LIP_EXPAND)
     return {
         "image": crop,
         "landmarks": landmarks[0],

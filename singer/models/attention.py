@@ -176,6 +176,10 @@ class SpatialTransformer(nn.Module):
     * ``face_tokens`` (B or N, Nf, D), the keys/values of ``attn2``; None skips it.
     * ``reference`` (B, L, C): extra keys/values of every frame's ``attn1`` (the reference UNet's attn1 inputs
       at this layer, ``L = R*H*W`` for R images; which of them, the caller decides).
+    * ``reference_keep`` (B,) bool or None (all): the samples that attend to ``reference``; the frames of the
+      others run plain self-attention (the unconditional branch of classifier-free guidance, as in Hallo).
+    * ``reference_rows`` (N,) long or None: the sample whose ``reference`` each row attends to (default: its
+      own). Only to reproduce Hallo's reference-to-frame assignment (see ``DenoisingUNet3D.forward``).
 
     ``forward_with_attn1_input(x, *, face_tokens=None) -> ((N, C, H, W), (N, H*W, C))`` (the reference UNet): the
     output and the input of ``attn1`` (the LayerNorm-ed tokens, what the denoising UNet attends to).
@@ -203,10 +207,19 @@ class SpatialTransformer(nn.Module):
         return [name for name, _ in self.named_parameters() if not name.startswith(keep)]
 
     def forward(
-        self, x: torch.Tensor, *, face_tokens: torch.Tensor | None = None, reference: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        *,
+        face_tokens: torch.Tensor | None = None,
+        reference: torch.Tensor | None = None,
+        reference_keep: torch.Tensor | None = None,
+        reference_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         tokens = fold_tokens(self.proj_in(self.norm(x)))
-        return self._transform(x, tokens, self.transformer_blocks[0].norm1(tokens), face_tokens, reference)
+        normed = self.transformer_blocks[0].norm1(tokens)
+        if reference is not None and reference_rows is not None:
+            reference = reference[reference_rows]  # (N, L, C): each row its own sample's, unless told otherwise
+        return self._transform(x, tokens, normed, face_tokens, reference, reference_keep)
 
     def forward_with_attn1_input(
         self, x: torch.Tensor, *, face_tokens: torch.Tensor | None = None
@@ -218,11 +231,25 @@ class SpatialTransformer(nn.Module):
         return self._transform(x, tokens, attn1_input, face_tokens, None), attn1_input
 
     def _transform(self, x: torch.Tensor, tokens: torch.Tensor, normed: torch.Tensor,
-                   face_tokens: torch.Tensor | None, reference: torch.Tensor | None) -> torch.Tensor:
-        """The rest of the layer from the tokens (N, H*W, C) and the attn1 input ``normed``: -> (N, C, H, W)."""
+                   face_tokens: torch.Tensor | None, reference: torch.Tensor | None,
+                   reference_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The rest of the layer from the tokens (N, H*W, C) and the attn1 input ``normed``: -> (N, C, H, W).
+
+        ``reference_keep`` (B,) bool: samples whose frames attend to ``reference``; the others redo plain
+        self-attention (Hallo's unconditional rows, ``mutual_self_attention.py`` ``uc_mask``)."""
         block = self.transformer_blocks[0]
-        extra = None if reference is None else reference.to(normed.dtype)
-        tokens = block.attn1(normed, extra=extra) + tokens
+        keep = None if reference is None or reference_keep is None else reference_keep.to(torch.bool)
+        if reference is None or (keep is not None and not bool(keep.any())):
+            attended = block.attn1(normed)
+        elif keep is None or bool(keep.all()):
+            attended = block.attn1(normed, extra=reference.to(normed.dtype))
+        else:  # some samples with the reference, the others without: each group in its own call
+            rows = broadcast_rows(keep, normed.shape[0])
+            attended = torch.zeros_like(normed)
+            chosen = reference[rows] if reference.shape[0] == normed.shape[0] else reference[keep]
+            attended[rows] = block.attn1(normed[rows], extra=chosen.to(normed.dtype))
+            attended[~rows] = block.attn1(normed[~rows])
+        tokens = attended + tokens
         if face_tokens is not None:
             tokens = block.attn2(block.norm2(tokens), context=face_tokens.to(tokens.dtype)) + tokens
         tokens = block.ff(block.norm3(tokens)) + tokens

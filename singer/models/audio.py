@@ -4,6 +4,7 @@
     tokens = enc(waveform, num_frames=8)                  # (B, S) 16 kHz -> (B, 8, audio_tokens, cross_attention_dim)
     feats = enc.features(waveform, num_frames=8)          # (B, F, 2w+1, L, H): cacheable, before the projection
     tokens = enc.project(feats)
+    tokens = enc.window_tokens(clip_wave, start, num_frames=16, fps=25)   # training: a window of a whole clip
 
 What ``forward`` does (Hallo's ``Wav2VecModel`` + ``AudioProjModel``, checked against them):
 
@@ -22,6 +23,11 @@ What ``forward`` does (Hallo's ``Wav2VecModel`` + ``AudioProjModel``, checked ag
 6. Projection (Hallo's ``AudioProjModel``, parameter names ``proj1``, ``proj2``, ``proj3``, ``norm``): flatten
    ``(2w+1) * L * H`` -> proj1 -> ReLU -> proj2 -> ReLU -> proj3 -> ``(audio_tokens, cross_attention_dim)`` ->
    LayerNorm. Paper sizes: proj1 [512, 46080], proj3 [24576, 512], as in ``hallo_net.pth.audioproj.json``.
+
+Training windows (``window_tokens``) follow Hallo's training data: wav2vec2 over the whole clip
+(``hallo/datasets/audio_processor.py:108-119``), the +-w windows over that whole sequence, the window's frames
+sliced out (``hallo/datasets/talk_video.py:242-250``), so a window's edge frames see their true neighbours and
+the normalisation is the clip's; never wav2vec2 on the window's samples alone.
 
 Long audio (a whole song; memory stays bounded, results documented):
 
@@ -195,7 +201,7 @@ class AudioEncoder(ModelMixin, ConfigMixin):
         kwargs = {
             "window": model_cfg.audio_window,
             "tokens": model_cfg.audio_tokens,
-            "cross_attention_dim": model_cfg.cross_attention_dim,
+            "cross_attention_dim": getattr(model_cfg, "audio_attention_dim", None) or model_cfg.cross_attention_dim,
             "proj_dim": model_cfg.audio_proj_dim,
             **overrides,
         }
@@ -376,6 +382,34 @@ class AudioEncoder(ModelMixin, ConfigMixin):
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """(B, F, 2w+1, L, H) -> (B, F, audio_tokens, cross_attention_dim)."""
         return self.projection(features.to(self.projection.proj1.weight.dtype))
+
+    def window_tokens(self, waveform: torch.Tensor, start_frame: torch.Tensor | None, num_frames: int,
+                      fps: float = 25.0) -> torch.Tensor:
+        """Tokens of a window of whole clips, as Hallo trains: (B, S) 16 kHz clips, start_frame (B,) long (None: 0)
+        -> (B, num_frames, audio_tokens, cross_attention_dim). wav2vec2 encodes each whole clip to
+        ceil(S / 16000 * fps) frames (Hallo's seq_len); frame f of the window gets the clip's frames
+        clamp(start + f + k, 0, T - 1) for k in -w..w (clamped at the clip's edges only), then the projection."""
+        if waveform.ndim == 1:
+            waveform = waveform[None]
+        hidden = self.hidden_states(waveform, None, fps)                     # (B, T, L, H)
+        b, total = hidden.shape[:2]
+        if start_frame is None:
+            start = torch.zeros(b, dtype=torch.long, device=hidden.device)
+        else:
+            start = torch.as_tensor(start_frame, device=hidden.device).long().reshape(-1)
+            if start.numel() not in (1, b):
+                raise ValueError(f"start_frame has {start.numel()} values for {b} clips")
+            start = start.expand(b)
+        last = int(start.max()) + int(num_frames)
+        if int(start.min()) < 0 or last > total:
+            raise ValueError(f"audio window frames {int(start.min())}..{last} do not fit the clip's {total} frames "
+                             f"({waveform.shape[1]} samples at {fps} fps)")
+        w = int(self.config.window)
+        offsets = torch.arange(-w, w + 1, device=hidden.device)
+        frames = torch.arange(int(num_frames), device=hidden.device)
+        idx = (start[:, None, None] + frames[None, :, None] + offsets[None, None, :]).clamp_(0, total - 1)
+        rows = torch.arange(b, device=hidden.device)[:, None, None]
+        return self.project(hidden[rows, idx])                               # (B, F, 2w+1, L, H) -> tokens
 
     def forward(self, waveform: torch.Tensor, num_frames: int | None = None, fps: float = 25.0) -> torch.Tensor:
         """(B, S) 16 kHz waveform -> (B, num_frames, audio_tokens, cross_attention_dim)."""

@@ -63,15 +63,23 @@ def resize_masks(
 ) -> dict[tuple[int, int], AudioMasks]:
     """The masks at every block resolution: ``{(h, w): AudioMasks}`` (float32, frames folded into the batch).
 
-    ``masks``: {"full" (or "pose"), "face", "lip"}, each (B, 1, H, W) (the same for every frame) or
-    (B, F, 1, H, W), any resolution: downscaled with area, upscaled with bilinear interpolation.
+    ``masks``: {"full" (or "pose"), "face", "lip"}, each either
+    * (B, 1, H, W) (the same for every frame) or (B, F, 1, H, W), any resolution: downscaled with area, upscaled
+      with bilinear interpolation; or
+    * a list with one mask per level (``sizes``, largest first, as Hallo's pipeline gives them), each
+      (B, F, h*w) or (B, 1 or F, h, w) at exactly that level's size.
     """
+    levels = list(dict.fromkeys(sizes))
     base: dict[str, torch.Tensor] = {}
+    given: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
     for name in MASK_NAMES:
         mask = masks.get(name)
         if mask is None and name == "full":
             mask = masks.get("pose")
         if mask is None:
+            continue
+        if isinstance(mask, (list, tuple)):
+            given[name] = _per_level(name, mask, batch, frames, levels)
             continue
         if mask.ndim == 4 and mask.shape[:2] == (batch, 1):
             mask = repeat(mask, "b 1 h w -> (b f) 1 h w", f=frames)
@@ -80,8 +88,30 @@ def resize_masks(
         else:
             raise ValueError(f"mask {name!r}: expected (B, 1, H, W) or (B, F, 1, H, W), got {tuple(mask.shape)}")
         base[name] = mask.float()
-    return {size: AudioMasks(*(_resized(base.get(name), size) for name in MASK_NAMES))
-            for size in dict.fromkeys(sizes)}
+
+    def level(name: str, size: tuple[int, int]) -> torch.Tensor | None:
+        return given[name][size] if name in given else _resized(base.get(name), size)
+
+    return {size: AudioMasks(*(level(name, size) for name in MASK_NAMES)) for size in levels}
+
+
+def _per_level(name: str, masks: Sequence[torch.Tensor], batch: int, frames: int,
+               levels: list[tuple[int, int]]) -> dict[tuple[int, int], torch.Tensor]:
+    """One mask per level -> {(h, w): (B*F, h*w, 1) float32}."""
+    if len(masks) < len(levels):
+        raise ValueError(f"mask {name!r}: {len(masks)} levels given, the UNet has {len(levels)} ({levels})")
+    out = {}
+    for (h, w), mask in zip(levels, masks):
+        if mask.ndim == 3 and mask.shape == (batch, frames, h * w):
+            flat = rearrange(mask, "b f l -> (b f) l 1")
+        elif mask.ndim == 4 and mask.shape[0] == batch and mask.shape[1] in (1, frames) and mask.shape[2:] == (h, w):
+            flat = repeat(mask, "b k h w -> (b k r) (h w) 1", r=frames // mask.shape[1])
+        else:
+            raise ValueError(
+                f"mask {name!r} at level {h}x{w}: expected (B, F, {h * w}) or (B, 1|F, {h}, {w}), got {tuple(mask.shape)}"
+            )
+        out[(h, w)] = flat.float()
+    return out
 
 
 def _resized(mask: torch.Tensor | None, size: tuple[int, int]) -> torch.Tensor | None:
@@ -140,14 +170,20 @@ class AudioTransformerBlock(nn.Module):
         parts = merge_heads(out).chunk(3, dim=-1)
         return [a.to_out[1](a.to_out[0](p)) for a, p in zip(attns, parts)]
 
-    def forward(self, tokens: torch.Tensor, *, audio_tokens: torch.Tensor, masks: AudioMasks) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, *, audio_tokens: torch.Tensor, masks: AudioMasks,
+                motion_scale: Sequence[float] | None = None) -> torch.Tensor:
         tokens = self.attn1(self.norm1(tokens)) + tokens
         outs = self.audio_attention(self.norm2(tokens), audio_tokens.to(tokens.dtype))
         convs = (self.zero_conv_full, self.zero_conv_face, self.zero_conv_lip)
-        for out, mask, conv in zip(outs, masks, convs):
+        scales = (1.0, 1.0, 1.0) if motion_scale is None else tuple(motion_scale)
+        branches = []
+        for out, mask, conv, scale in zip(outs, masks, convs, scales):
             if mask is not None:
                 out = out * mask.to(out.dtype)
-            tokens = tokens + F.linear(out, conv.weight.flatten(1), conv.bias)  # the 1x1 conv, on tokens
+            out = F.linear(out, conv.weight.flatten(1), conv.bias)  # the 1x1 conv, on tokens
+            branches.append(out if scale == 1.0 else scale * out)
+        # Hallo's order of the sum (``attention.py:885-890``): full + face + lip, then the residual
+        tokens = branches[0] + branches[1] + branches[2] + tokens
         return self.ff(self.norm3(tokens)) + tokens
 
 
@@ -176,9 +212,11 @@ class AudioModule(nn.Module):
         self.proj_out = nn.Conv2d(inner, channels, 1)  # PyTorch's default init, as in Hallo
 
     def forward(
-        self, x: torch.Tensor, *, audio_tokens: torch.Tensor, masks: AudioMasks | None = None
+        self, x: torch.Tensor, *, audio_tokens: torch.Tensor, masks: AudioMasks | None = None,
+        motion_scale: Sequence[float] | None = None,
     ) -> torch.Tensor:
         _, _, h, w = x.shape
         tokens = fold_tokens(self.proj_in(self.norm(x)))
-        tokens = self.transformer_blocks[0](tokens, audio_tokens=audio_tokens, masks=masks or AudioMasks())
+        tokens = self.transformer_blocks[0](tokens, audio_tokens=audio_tokens, masks=masks or AudioMasks(),
+                                            motion_scale=motion_scale)
         return self.proj_out(unfold_tokens(tokens, h, w)) + x

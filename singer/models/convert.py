@@ -36,15 +36,22 @@ from pathlib import Path
 
 import torch
 
+from singer.models.weights_io import LazySafetensors, load_checkpoint, open_checkpoint, resolve_weights
+
 __all__ = [
     "NOT_TRANSFERABLE",
     "SOURCES",
     "TARGET_PREFIX",
+    "adapt_tensor",
+    "adapted_shape",
     "convert_files",
     "convert_state_dict",
+    "fit_tensor",
     "load_checkpoint",
     "load_state_into",
     "map_key",
+    "open_checkpoint",
+    "shapes_fit",
     "skip_reason",
     "split_component",
 ]
@@ -166,18 +173,29 @@ def map_key(source: str, key: str) -> str | None:
     raise AssertionError(source)  # pragma: no cover - skip_reason validated it
 
 
-def _adapt(source: str, key: str, target: str, tensor: torch.Tensor) -> torch.Tensor:
-    """Layout fixes: very old VAE attention weights stored as 1x1 convs become Linear weights."""
-    if (
+def _squeezed(source: str, target: str, shape: tuple[int, ...]) -> bool:
+    """Very old VAE attention weights are stored as 1x1 convs; ours are Linear weights."""
+    return (
         source == "sd_vae"
-        and tensor.ndim == 4
-        and tensor.shape[-2:] == (1, 1)
+        and len(shape) == 4
+        and tuple(shape[-2:]) == (1, 1)
         and ".attentions." in target
         and target.endswith(".weight")
         and not target.endswith("group_norm.weight")
-    ):
-        tensor = tensor[:, :, 0, 0]
-    return tensor
+    )
+
+
+def adapted_shape(source: str, target: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape a stored tensor of ``shape`` has once ``adapt_tensor`` has fixed its layout."""
+    return tuple(shape[:2]) if _squeezed(source, target, tuple(shape)) else tuple(shape)
+
+
+def adapt_tensor(source: str, key: str, target: str, tensor: torch.Tensor) -> torch.Tensor:
+    """Layout fixes: very old VAE attention weights stored as 1x1 convs become Linear weights."""
+    return tensor[:, :, 0, 0] if _squeezed(source, target, tuple(tensor.shape)) else tensor
+
+
+_adapt = adapt_tensor
 
 
 def convert_state_dict(
@@ -212,6 +230,30 @@ def split_component(target: str) -> tuple[str, str]:
     return component, rest
 
 
+def shapes_fit(key: str, shape: tuple[int, ...], target_shape: tuple[int, ...]) -> bool:
+    """Whether a tensor of ``shape`` can initialise ours of ``target_shape`` (equal, or a ``pos_encoder.pe`` table
+    of another length: see ``fit_tensor``)."""
+    shape, target_shape = tuple(shape), tuple(target_shape)
+    if shape == target_shape:
+        return True
+    return key.endswith("pos_encoder.pe") and len(shape) == 3 == len(target_shape) and \
+        shape[::2] == target_shape[::2]
+
+
+def fit_tensor(key: str, tensor: torch.Tensor, target: torch.Tensor) -> torch.Tensor | None:
+    """``tensor`` shaped to initialise ``target``, or None when it cannot. A motion module's sinusoidal
+    ``pos_encoder.pe`` table (1, L, C) of another length L is not an error: the sinusoids are the same for shared
+    positions, so the overlap is taken from ``tensor`` and the rest kept from ``target``."""
+    if tuple(tensor.shape) == tuple(target.shape):
+        return tensor
+    if not shapes_fit(key, tuple(tensor.shape), tuple(target.shape)):
+        return None
+    n = min(tensor.shape[1], target.shape[1])
+    merged = target.detach().clone()
+    merged[:, :n] = tensor[:, :n].to(merged.dtype)
+    return merged
+
+
 def load_state_into(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = False) -> dict:
     """Load a converted component state dict (keys without the component prefix) into ``module``.
 
@@ -228,16 +270,11 @@ def load_state_into(module: torch.nn.Module, state_dict: Mapping[str, torch.Tens
             unexpected.append(key)
             continue
         target = own[key]
-        if tuple(tensor.shape) != tuple(target.shape):
-            if key.endswith("pos_encoder.pe") and tensor.ndim == 3 and tensor.shape[::2] == target.shape[::2]:
-                n = min(tensor.shape[1], target.shape[1])
-                merged = target.detach().clone()
-                merged[:, :n] = tensor[:, :n].to(merged.dtype)
-                tensor = merged
-            else:
-                mismatched.append(f"{key}: {tuple(tensor.shape)} vs ours {tuple(target.shape)}")
-                continue
-        loadable[key] = tensor.to(target.dtype)
+        fitted = fit_tensor(key, tensor, target)
+        if fitted is None:
+            mismatched.append(f"{key}: {tuple(tensor.shape)} vs ours {tuple(target.shape)}")
+            continue
+        loadable[key] = fitted.to(target.dtype)
     result = module.load_state_dict(loadable, strict=False)
     report = {
         "loaded": sorted(loadable),
@@ -257,55 +294,19 @@ def load_state_into(module: torch.nn.Module, state_dict: Mapping[str, torch.Tens
 # files
 
 
-_WEIGHT_NAMES = (
-    "diffusion_pytorch_model.safetensors",
-    "model.safetensors",
-    "diffusion_pytorch_model.bin",
-    "pytorch_model.bin",
-)
-
-
-def _resolve(path: Path) -> Path | None:
-    if path.is_file():
-        return path
-    if path.is_dir():
-        for name in _WEIGHT_NAMES:
-            if (path / name).is_file():
-                return path / name
-    return None
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A flat state dict from a ``.safetensors`` file, a torch file (``weights_only=True``), or a diffusers /
-    transformers model folder. Wrappers ``{"state_dict": ...}`` / ``{"module": ...}`` are unwrapped."""
-    path = Path(path)
-    resolved = _resolve(path)
-    if resolved is None:
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    if resolved.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return dict(load_file(str(resolved), device="cpu"))
-    obj = torch.load(resolved, map_location="cpu", weights_only=True)
-    for wrapper in ("state_dict", "module", "model"):
-        if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
-            obj = obj[wrapper]
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{resolved} does not hold a state dict ({type(obj).__name__})")
-    return dict(obj)
-
-
 def convert_files(
     pretrained_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = torch.float32,
     paths: Mapping[str, str | os.PathLike] | None = None,
 ) -> dict:
     """Convert whatever released files are present under ``pretrained_dir`` (Hallo's layout, ``SOURCES``) into
     per-component safetensors files in ``out_dir`` plus ``convert_report.json``; returns the report.
 
     ``paths`` overrides or adds source files (``{"singer_net": "/path/net.pth"}``); relative paths are taken
-    from ``pretrained_dir``. Later sources override earlier ones key by key (order of ``SOURCES``).
+    from ``pretrained_dir``. Later sources override earlier ones key by key (order of ``SOURCES``). Floating-point
+    tensors are written as ``dtype`` (None: as stored). Memory: the sources are opened lazily (memory-mapped or
+    read a tensor at a time) and one component is converted and written at a time.
     """
     from safetensors.torch import save_file
 
@@ -317,54 +318,69 @@ def convert_files(
     if unknown:
         raise ValueError(f"unknown sources {sorted(unknown)}; known: {sorted(SOURCES)}")
 
-    merged: dict[str, torch.Tensor] = {}
-    origin: dict[str, str] = {}
+    plan: dict[str, tuple[str, Path, str]] = {}  # target -> (source, file, key in the file); the last source wins
     report: dict = {"pretrained_dir": str(pretrained_dir), "dtype": str(dtype), "sources": {}, "components": {}}
-    cache: dict[Path, dict] = {}
+    opened: dict[Path, Mapping[str, torch.Tensor]] = {}
     for source in SOURCES:
         where = locations.get(source)
-        resolved = _resolve(pretrained_dir / where) if where else None
+        resolved = resolve_weights(pretrained_dir / where) if where else None
         if resolved is None:
             report["sources"][source] = {"found": False, "path": str(pretrained_dir / where) if where else None}
             continue
-        if resolved not in cache:
-            cache.clear()  # one file in memory at a time (the SD-1.5 file feeds two sources in a row)
-            cache[resolved] = load_checkpoint(resolved)
-        mapped, skipped = convert_state_dict(source, cache[resolved], dtype)
-        overridden = sum(1 for k in mapped if k in merged)
-        for key, tensor in mapped.items():
-            merged[key] = tensor
-            origin[key] = source
+        if resolved not in opened:
+            opened[resolved] = open_checkpoint(resolved)
+        checkpoint = opened[resolved]
+        mine: set[str] = set()
+        skipped: dict[str, str] = {}
+        overridden = 0
+        for key in checkpoint:
+            target = map_key(source, key)
+            if target is None:
+                skipped[key] = skip_reason(source, key) or "unmapped"
+                continue
+            if not isinstance(checkpoint, LazySafetensors) and not torch.is_tensor(checkpoint[key]):
+                skipped[key] = f"not a tensor ({type(checkpoint[key]).__name__})"
+                continue
+            if target in mine:
+                raise ValueError(f"{source}: two keys map to {target!r}")
+            mine.add(target)
+            overridden += target in plan
+            plan[target] = (source, resolved, key)
         report["sources"][source] = {
             "found": True,
             "path": str(resolved),
-            "num_keys": len(cache[resolved]),
-            "mapped": len(mapped),
+            "num_keys": len(checkpoint),
+            "mapped": len(mine),
             "overrode": overridden,
             "skipped": skipped,
         }
-    cache.clear()
 
-    components: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in merged.items():
-        component, rest = split_component(key)
-        components.setdefault(component, {})[rest] = tensor.contiguous()
+    components: dict[str, list[str]] = {}
+    for target in plan:
+        components.setdefault(split_component(target)[0], []).append(target)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for component, state in sorted(components.items()):
+    for component, targets in sorted(components.items()):
+        state: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
+        for target in targets:
+            source, file, key = plan[target]
+            tensor = adapt_tensor(source, key, target, opened[file][key])
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            state[split_component(target)[1]] = tensor.contiguous()
+            counts[source] = counts.get(source, 0) + 1
         file = out_dir / f"{component}.safetensors"
         tmp = file.with_suffix(".safetensors.tmp")
         save_file(state, str(tmp), metadata={"format": "pt", "component": component})
         os.replace(tmp, file)
-        counts: dict[str, int] = {}
-        for key in state:
-            src = origin[f"{component}.{key}"]
-            counts[src] = counts.get(src, 0) + 1
         report["components"][component] = {
             "file": file.name,
             "num_keys": len(state),
             "num_elements": int(sum(t.numel() for t in state.values())),
             "from_sources": counts,
         }
+        del state
+    opened.clear()
     report_file = out_dir / "convert_report.json"
     tmp = report_file.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report, indent=2, sort_keys=False))

@@ -5,10 +5,15 @@
     x_t = add_noise(scheduler, x0, noise, t)              # any (B, ...) shape, e.g. (B, C, F, h, w)
     target = training_target(scheduler, x0, noise, t)     # v (v_prediction), noise (epsilon) or x0 (sample)
 
-Settings (Hallo ``configs/inference/default.yaml`` ``noise_scheduler_kwargs`` plus the zero-SNR overrides of its
-scripts): betas from ``model.beta_start / beta_end / beta_schedule`` (0.00085, 0.012, "linear"),
-``clip_sample=False``, ``steps_offset=1``, ``set_alpha_to_one=True``, ``rescale_betas_zero_snr=True``,
-``timestep_spacing="trailing"``, ``prediction_type=model.prediction_type`` ("v_prediction").
+Settings (Hallo's ``noise_scheduler_kwargs``, ``configs/train/stage2.yaml:46-52``, plus the overrides of
+``scripts/train_stage2.py:215-223``): betas from ``model.beta_start / beta_end / beta_schedule`` (0.00085, 0.012,
+"scaled_linear": Hallo's *training* scheduler, ``train_stage2.py:222-223``), ``clip_sample=False``,
+``steps_offset=1``, ``set_alpha_to_one=True``, ``rescale_betas_zero_snr=True``, ``timestep_spacing="trailing"``,
+``prediction_type=model.prediction_type`` ("v_prediction"). One scheduler serves training and sampling. Hallo's
+inference (``scripts/inference.py:192-193``, and its validation, ``train_stage2.py:221``) builds its DDIM
+scheduler *before* the ``scaled_linear`` override, so it samples with "linear" betas, a schedule its weights
+were not trained on; we sample with the trained one (``alphas_cumprod`` differ between the two at every
+t but 0 and T, where zero-SNR pins both).
 
 With zero terminal SNR, ``alphas_cumprod[-1] == 0``: ``x_T`` is pure noise and an epsilon-predicting model cannot
 recover ``x0`` from it (DDIM divides by ``sqrt(alphas_cumprod)``), so ``make_scheduler`` refuses

@@ -63,7 +63,10 @@ class BlockInputs:
     audio_tokens: torch.Tensor | None = None  # (B*F, Na, Da); None skips the audio modules
     masks: Mapping[tuple[int, int], AudioMasks] | None = None  # per block resolution (h, w)
     reference_states: Mapping[str, torch.Tensor] | None = None  # attention name -> (B, R*h*w, C)
+    reference_keep: torch.Tensor | None = None  # (B,) bool: samples that attend to the reference frame (None: all)
+    reference_rows: torch.Tensor | None = None  # (B*F,) long: whose reference frame each row attends to (None: own)
     temporal_motion_frames: bool = True
+    motion_scale: tuple[float, float, float] | None = None  # weights of the full, face, lip audio attentions
 
 
 @dataclass(frozen=True)
@@ -159,13 +162,24 @@ class _Block(nn.Module):
                 reference = None
                 if inputs.reference_states is not None:
                     reference, prefix = split_reference(inputs.reference_states[name], x, inputs)
-                x = self._call(attention, x, face_tokens=inputs.face_tokens, reference=reference)
+                x = self._call(attention, x, face_tokens=inputs.face_tokens, reference=reference,
+                               reference_keep=inputs.reference_keep, reference_rows=inputs.reference_rows)
         if self.audio_modules is not None and inputs.audio_tokens is not None:
             masks = None if inputs.masks is None else inputs.masks[tuple(x.shape[-2:])].to(x.dtype)
-            x = self._call(self.audio_modules[i], x, audio_tokens=inputs.audio_tokens, masks=masks)
-        if self.motion_modules is not None:
+            x = self._call(self.audio_modules[i], x, audio_tokens=inputs.audio_tokens, masks=masks,
+                           motion_scale=inputs.motion_scale)
+        # Hallo runs its blocks' training-mode branch at inference too (its UNet is never put in eval mode), and
+        # that branch skips the motion modules of the blocks without attention (DownBlock3D / UpBlock3D,
+        # ``unet_3d_blocks.py:905-916, 1376-1387``): the released weights were trained that way
+        if self.motion_modules is not None and self.attentions is not None:
             x = self._call(self.motion_modules[i], x, frames=inputs.frames, prefix=prefix)
         return x, captured
+
+    def unused_parameter_names(self) -> list[str]:
+        """Parameters this block never runs (the motion modules of a block without attention), relative to it."""
+        if self.motion_modules is None or self.attentions is not None:
+            return []
+        return [f"motion_modules.{name}" for name, _ in self.motion_modules.named_parameters()]
 
 
 class DownBlock(_Block):

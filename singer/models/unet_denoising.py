@@ -53,6 +53,9 @@ class DenoisingUNet3D(ModelMixin, ConfigMixin, UNetCore):
         use_motion_modules, use_audio_modules: build them (Hallo: both).
         use_sfm, sfm_reduction: SINGER's SFM (``sfm``) on the middle-block output.
         motion_frames_mode: "temporal" (Hallo) or "spatial"; see the module docstring.
+        reference_fp16: round the reference states to float16 before use, as Hallo does (its
+            ``ReferenceAttentionControl.update`` casts the bank to float16 by default,
+            ``mutual_self_attention.py:404, 453``, and the pipeline and training call it without a dtype).
     """
 
     _supports_gradient_checkpointing = True
@@ -78,6 +81,7 @@ class DenoisingUNet3D(ModelMixin, ConfigMixin, UNetCore):
         motion_frames_mode: str = "temporal",
         flip_sin_to_cos: bool = True,
         freq_shift: float = 0.0,
+        reference_fp16: bool = True,
     ):
         super().__init__()
         if motion_frames_mode not in MOTION_FRAMES_MODES:
@@ -110,7 +114,7 @@ class DenoisingUNet3D(ModelMixin, ConfigMixin, UNetCore):
             attention_head_dim=model.attention_head_dim,
             norm_num_groups=model.norm_num_groups,
             cross_attention_dim=model.cross_attention_dim,
-            audio_attention_dim=model.cross_attention_dim,
+            audio_attention_dim=model.audio_attention_dim or model.cross_attention_dim,
             motion_num_heads=model.motion_num_heads,
             motion_max_len=model.motion_max_len,
             use_sfm=model.sfm,
@@ -126,8 +130,17 @@ class DenoisingUNet3D(ModelMixin, ConfigMixin, UNetCore):
         y = self.sfm(rearrange(x, "(b f) c h w -> b c f h w", f=inputs.frames))
         return rearrange(y, "b c f h w -> (b f) c h w")
 
+    def unused_parameter_names(self) -> list[str]:
+        """Parameters the forward never uses: the motion modules of the blocks without attention (Hallo's
+        training-mode branch skips them; see ``unet_blocks``). Freeze them, or DDP needs ``find_unused_parameters``."""
+        names = []
+        for prefix, blocks in (("down_blocks", self.down_blocks), ("up_blocks", self.up_blocks)):
+            for i, block in enumerate(blocks):
+                names += [f"{prefix}.{i}.{name}" for name in block.unused_parameter_names()]
+        return names
+
     def _group_references(self, states: Mapping[str, torch.Tensor], batch: int) -> dict[str, torch.Tensor]:
-        """Check the names; (B*R, h*w, C) -> (B, R*h*w, C)."""
+        """Check the names; (B*R, h*w, C) -> (B, R*h*w, C); rounded to float16 with ``reference_fp16``."""
         names = self.attention_layer_names()
         if set(states) != set(names):
             missing, unexpected = sorted(set(names) - set(states)), sorted(set(states) - set(names))
@@ -143,8 +156,29 @@ class DenoisingUNet3D(ModelMixin, ConfigMixin, UNetCore):
                 if state.shape[0] % batch:
                     raise ValueError(f"reference_states[{name!r}] has {state.shape[0]} rows for a batch of {batch}")
                 state = rearrange(state, "(b r) l c -> b (r l) c", b=batch)
+            if self.config.reference_fp16:
+                state = state.to(torch.float16).to(state.dtype)
             grouped[name] = state
         return grouped
+
+    @staticmethod
+    def _check_keep(keep: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        if keep is not None and (keep.ndim != 1 or keep.shape[0] != batch):
+            raise ValueError(f"reference_keep must be ({batch},) bool, got {tuple(keep.shape)}")
+        return keep
+
+    @staticmethod
+    def _check_rows(rows: torch.Tensor | None, batch: int, frames: int) -> torch.Tensor | None:
+        if rows is not None and (rows.shape != (batch * frames,) or rows.min() < 0 or rows.max() >= batch):
+            raise ValueError(f"reference_rows must be ({batch * frames},) sample indices < {batch}, got {tuple(rows.shape)}")
+        return rows
+
+    @staticmethod
+    def _check_scale(scale: Sequence[float]) -> tuple[float, float, float]:
+        values = tuple(float(v) for v in scale)
+        if len(values) != 3:
+            raise ValueError(f"motion_scale must be 3 weights (full, face, lip), got {len(values)}")
+        return values
 
     def forward(
         self,
@@ -156,6 +190,9 @@ class DenoisingUNet3D(ModelMixin, ConfigMixin, UNetCore):
         reference_states: Mapping[str, torch.Tensor] | None = None,
         masks: Mapping[str, torch.Tensor | None] | None = None,
         face_features: torch.Tensor | None = None,
+        reference_keep: torch.Tensor | None = None,
+        motion_scale: Sequence[float] | None = None,
+        reference_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict the noise / v / x0 for a window of frames.
 
@@ -169,6 +206,16 @@ class DenoisingUNet3D(ModelMixin, ConfigMixin, UNetCore):
             masks: {"full" (or "pose"), "face", "lip"}: (B, 1, H, W) or (B, F, 1, H, W) in [0, 1], any resolution
                 (resized per block with area / bilinear interpolation); a missing mask weighs 1 everywhere.
             face_features: ``FaceLocator`` output (B, C0, F, H, W) or (B, C0, H, W), added after ``conv_in``.
+            reference_keep: (B,) bool, the samples whose frames attend to the reference frame (None: all). The
+                others run plain self-attention but keep their motion frames: Hallo's unconditional branch.
+            motion_scale: weights of the full (pose), face and lip audio attentions (Hallo's ``motion_scale``;
+                None: 1, 1, 1).
+            reference_rows: (B*F,) long, the sample whose reference frame each folded row ``b*F + f`` attends to;
+                None (the default): its own sample. Hallo's reader assigns row ``j`` the reference of sample
+                ``j % B`` (``mutual_self_attention.py:235-247``: the reference frames are tiled, not repeated per
+                sample, once ``.unsqueeze(1)`` was commented out), so with B > 1 (a training batch, or the CFG
+                pair at inference) frames attend to other samples' references. That is a bug this project does
+                not copy; ``reference_rows=torch.arange(B*F) % B`` reproduces it (the golden test does).
 
         Returns:
             (B, out_channels, F, H, W).
@@ -200,7 +247,10 @@ class DenoisingUNet3D(ModelMixin, ConfigMixin, UNetCore):
             audio_tokens=audio,
             masks=resize_masks(masks, b, f, self.level_sizes(h, w)) if masks else None,
             reference_states=None if reference_states is None else self._group_references(reference_states, b),
+            reference_keep=self._check_keep(reference_keep, b),
+            reference_rows=self._check_rows(reference_rows, b, f),
             temporal_motion_frames=self.config.motion_frames_mode == "temporal",
+            motion_scale=None if motion_scale is None else self._check_scale(motion_scale),
         )
         x, _ = self._run_blocks(x, inputs)
         x = self.conv_out(F.silu(self.conv_norm_out(x)))

@@ -332,13 +332,19 @@ def log_step(metrics: dict[str, Any], step: int) -> bool:
     return _guarded("metrics", _log, cooldown=METRICS_COOLDOWN_S)
 
 
-def log_checkpoint(path: str | os.PathLike, step: int) -> bool:
-    """A checkpoint folder as artifacts under `checkpoints/step-<step>/` (every one is kept in MLflow; the name
-    is the one the training loop gives its local folders, `singer.train.checkpoint.step_dir_name`, written out
-    here so that tracking does not import the training package that imports it)."""
+def log_checkpoint(path: str | os.PathLike, step: int, retention: int | None = None) -> bool:
+    """A checkpoint folder as artifacts under `checkpoints/step-<step>/` (the name the training loop gives its local
+    folders, `singer.train.checkpoint.step_dir_name`, written out here so that tracking does not import the
+    training package that imports it). Every one is kept in MLflow, unless `retention` (tracking.
+    checkpoint_retention) is set: then all but the newest `retention` are deleted from the run (`prune_checkpoints`)."""
     import mlflow
 
-    return _guarded("checkpoint", mlflow.log_artifacts, str(path), f"checkpoints/step-{int(step):06d}")
+    logged = _guarded("checkpoint", mlflow.log_artifacts, str(path), f"checkpoints/step-{int(step):06d}")
+    if logged and retention:
+        from singer.release.retention import prune_checkpoints
+
+        _guarded("checkpoint retention", prune_checkpoints, int(retention))
+    return logged
 
 
 def log_artifact(path: str | os.PathLike, artifact_path: str | None = None, kind: str = "artifact") -> bool:

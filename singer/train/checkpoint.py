@@ -28,6 +28,13 @@ were not prepared are not saved (they come from the pretrained weights).
 
 Every rank must see the same `checkpoints_dir` (one machine, or a shared filesystem on several nodes):
 the ranks write their RNG states into the folder that the main process renames.
+
+Slim checkpoints (a model built on released weights, `model.pretrained`): `keep_only(accelerator, names)` makes
+save_state write only those tensors of the model (the trainable ones, and any not loaded from the release), and
+`manifest.json` (`save_checkpoint(..., manifest=...)`) says which they are and cites the release by the sha256 of its
+files. `resume(..., manifest=...)` checks that manifest against the run's before loading anything
+(`CheckpointMismatchError` names what differs) and then loads the partial state. A checkpoint without a manifest
+holds the whole model and loads as it always did.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ from singer.io import write_json_atomic
 log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
+MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 TMP_PREFIX = ".tmp-"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -181,17 +189,99 @@ def prune(checkpoints_dir: str | os.PathLike, keep_last: int) -> list[Path]:
     return doomed
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint that was written by another configuration of frozen weights or trainable parameters."""
+
+
+_WRAPPERS = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+
+
+def _plain(key: str) -> str:
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _WRAPPERS:
+            if key.startswith(prefix):
+                key, stripped = key[len(prefix):], True
+    return key
+
+
+def keep_only(accelerator, names: set[str] | list[str]):
+    """From now on `save_state` writes only these tensors of the models' state dicts (names without the DDP
+    `module.` prefix); the optimizer, schedulers and RNG states are saved whole. Returns the hook's handle."""
+    keep = set(names)
+
+    def hook(models, weights, output_dir):
+        for state in weights:
+            for key in [k for k in state if _plain(k) not in keep]:
+                del state[key]
+
+    return accelerator.register_save_state_pre_hook(hook)
+
+
+def read_manifest(folder: str | os.PathLike) -> dict | None:
+    try:
+        return json.loads((Path(folder) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _saved_keys(folder: Path) -> set[str] | None:
+    file = folder / "model.safetensors"
+    if not file.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as fh:
+        return {_plain(k) for k in fh.keys()}  # noqa: SIM118 (a safe_open handle is not iterable)
+
+
+def check_manifest(folder: str | os.PathLike, expected: dict) -> dict | None:
+    """Compare a checkpoint's manifest with this run's (`expected`); raise `CheckpointMismatchError` naming what
+    differs: the release's files (sha256), the trainable parameters, the saved tensors. Returns the checkpoint's
+    manifest (None: an older checkpoint that holds the whole model)."""
+    folder = Path(folder)
+    found = read_manifest(folder)
+    if found is None:
+        return None
+    was, now = found.get("pretrained") or {}, expected.get("pretrained") or {}
+    if was.get("sha256") != now.get("sha256"):
+        files = sorted(set(was.get("files", {})) | set(now.get("files", {})))
+        differ = [f for f in files if was.get("files", {}).get(f) != now.get("files", {}).get(f)]
+        raise CheckpointMismatchError(
+            f"checkpoint {folder} was trained on the released weights in {was.get('path')} (sha256 "
+            f"{str(was.get('sha256'))[:12]}) but model.pretrained is now {now.get('path')} (sha256 "
+            f"{str(now.get('sha256'))[:12]}; files that differ: {', '.join(differ[:5]) or 'all'}): point "
+            f"model.pretrained at the same files, or move {folder.parent} away to start afresh")
+    for what in ("trainable", "saved"):
+        if found.get(what) != expected.get(what):
+            a, b = set(found.get(what) or []), set(expected.get(what) or [])
+            gone, extra = sorted(a - b)[:3], sorted(b - a)[:3]
+            raise CheckpointMismatchError(
+                f"checkpoint {folder} has other {what} tensors than this run (only in the checkpoint: {gone}; only "
+                f"in this run: {extra}): train.trainable or the model changed; move {folder.parent} away to start "
+                f"afresh")
+    saved = found.get("saved")
+    if isinstance(saved, list):
+        keys = _saved_keys(folder)
+        if keys is not None and keys != set(saved):
+            raise CheckpointMismatchError(f"checkpoint {folder}: model.safetensors holds {len(keys)} tensors, its "
+                                          f"manifest lists {len(saved)}; the checkpoint is damaged")
+    return found
+
+
 def save_checkpoint(
     accelerator,
     checkpoints_dir: str | os.PathLike,
     step: int,
     extra: dict[str, Any] | None = None,
     keep_last: int | None = 3,
+    manifest: dict | None = None,
 ) -> Path:
     """Save the accelerator's state as `checkpoints_dir/step-<step>` atomically; call on every process.
 
-    `extra` goes to `trainer_state.json` together with `step` (e.g. epoch, samples_seen, mlflow_run_id).
-    The main process prunes to the newest `keep_last` whole checkpoints (None or 0: keep all).
+    `extra` goes to `trainer_state.json` together with `step` (e.g. epoch, samples_seen, mlflow_run_id), `manifest`
+    (what the checkpoint holds, see the module doc) to `manifest.json`. The main process prunes to the newest `keep_last` whole checkpoints (None or 0: keep all).
     Returns the final folder (on every rank).
     """
     checkpoints_dir = Path(checkpoints_dir)
@@ -211,6 +301,8 @@ def save_checkpoint(
         state.update(extra or {})
         state["step"] = int(step)
         write_json_atomic(tmp / TRAINER_STATE, state)
+        if manifest is not None:
+            write_json_atomic(tmp / MANIFEST, manifest)
         _write_marker(tmp, step, accelerator.num_processes)
         if final.exists():  # saving the same step again (e.g. after a resume): the new one wins
             old = checkpoints_dir / f"{TMP_PREFIX}old-{final.name}"
@@ -243,14 +335,16 @@ def read_trainer_state(folder: str | os.PathLike) -> dict[str, Any]:
 
 
 def resume(
-    accelerator, checkpoints_dir: str | os.PathLike, path: str | os.PathLike | None = None
+    accelerator, checkpoints_dir: str | os.PathLike, path: str | os.PathLike | None = None,
+    manifest: dict | None = None,
 ) -> dict | None:
     """Remove stale `.tmp-*` folders, then load the newest whole checkpoint (or `path`) into the
     accelerator (models, optimizers, schedulers, registered objects, RNG states) on every rank.
 
     Returns its trainer state (`step`, whatever `extra` held, `checkpoint`: the folder), or None when
     there is nothing to resume from. Call after `accelerator.prepare(...)` and any
-    `register_for_checkpointing(...)`, on every process.
+    `register_for_checkpointing(...)`, on every process. With `manifest` (this run's), the checkpoint's is checked
+    first (`check_manifest`); a slim checkpoint then fills in only the tensors it holds.
     """
     clean_stale(accelerator, checkpoints_dir)
     folder = Path(path) if path is not None else latest_checkpoint(checkpoints_dir)
@@ -258,7 +352,11 @@ def resume(
         return None
     if not is_complete(folder):
         raise FileNotFoundError(f"{folder} is not a complete checkpoint (no valid {MARKER} marker)")
-    accelerator.load_state(str(folder))
+    found = check_manifest(folder, manifest) if manifest is not None else read_manifest(folder)
+    if found is not None and isinstance(found.get("saved"), list):
+        accelerator.load_state(str(folder), strict=False)  # the rest is the release's, loaded at build
+    else:
+        accelerator.load_state(str(folder))
     state = read_trainer_state(folder)
     state["checkpoint"] = str(folder)
     log.info("resumed from %s (step %s)", folder, state["step"])

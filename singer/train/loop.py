@@ -6,8 +6,11 @@
 Reads the crops and the train split, builds the model of `params.yaml`'s preset with the variant's spectral
 modules (`train.variant`: full | no_msm | no_sfm | no_both), and trains the `train.trainable` groups with Adam.
 Every `checkpoint_every` steps `accelerator.save_state` writes `checkpoints/<variant>-<config hash>/step-N`
-atomically (last `keep_last` kept locally, every one logged to MLflow); a rerun after a crash resumes from the
-newest whole checkpoint of the same configuration. Every `validate_every` steps the main process generates a
+atomically (last `keep_last` kept locally, every one logged to MLflow unless `tracking.checkpoint_retention`
+says fewer); a rerun after a crash resumes from the newest whole checkpoint of the same configuration. With
+released weights (`model.pretrained`) a checkpoint holds the trainable tensors, optimizer, scheduler and RNG only:
+the frozen rest is cited by the release's sha256 in its `manifest.json`, checked on resume.
+`train.gradient_checkpointing` (paper: on) recomputes the UNets' activations in backward. Every `validate_every` steps the main process generates a
 sample (ground truth | generated, with audio) for a test clip. At the end the model is written with
 `save_pretrained` to `models/<variant>/` and `metrics/<variant>-train.json` (`metrics/train.json` for full).
 """
@@ -104,17 +107,44 @@ def sample_video(model, cfg: Config, dataset: SingerClipDataset, embeddings: dic
     seconds = n / dataset.fps
     audio = audio[: int(round(seconds * dataset.sample_rate))]
     pipe = SingerPipeline.from_model(model, cfg.crop.resolution)
-    ref = {"image": reference, "masks": {"face": masks[0], "lip": masks[1], "pose": masks[2]}}
+    ref = {"image": reference, "masks": masks}  # full/face/lip/face_region, as prepare_reference gives
+    heard = dataset.encoder_audio(clip_id)[: len(audio)]  # vocals when the clip has them; the video plays the song
     was_training = model.training
     model.eval()
     try:
-        result = pipe(ref, audio, embeddings[clip_id], num_inference_steps=cfg.train.validate_inference_steps,
+        result = pipe(ref, heard, embeddings[clip_id], num_inference_steps=cfg.train.validate_inference_steps,
                       generator=torch.Generator().manual_seed(cfg.train.seed), num_frames=n, progress=False)
     finally:
         model.train(was_training)
     path = out / f"sample-step-{step:06d}.mp4"
     return write_sample_video(path, frames[:n], result.frames, fps=dataset.fps, audio=audio,
                               sample_rate=dataset.sample_rate)
+
+
+def checkpoint_manifest(model, trainable: list[str]) -> dict:
+    """What this run's checkpoints hold (singer.train.checkpoint): with released weights (`model.pretrained`),
+    the trainable tensors and those no file supplied (new by design), the rest cited by the release's sha256;
+    without, the whole model, as before."""
+    report = getattr(model, "pretrained_report", None)
+    state = model.state_dict()
+    if report is None:
+        return {"format": 1, "pretrained": None, "trainable": sorted(trainable), "saved": "all"}
+    keep, loaded = set(trainable), set(report.loaded)
+    saved = sorted(k for k in state if k in keep or k not in loaded)
+    return {"format": 1, "pretrained": report.fingerprint(), "trainable": sorted(trainable), "saved": saved,
+            "saved_bytes": int(sum(state[k].numel() * state[k].element_size() for k in saved)),
+            "frozen_from_pretrained": len(state) - len(saved)}
+
+
+def enable_gradient_checkpointing(model) -> list[str]:
+    """Recompute the UNets' activations in backward (`train.gradient_checkpointing`): the denoising UNet always
+    (gradients pass through it to the audio side and SFM), the reference UNet when it trains. Returns which."""
+    on = ["denoising_unet"]
+    model.denoising_unet.enable_gradient_checkpointing()
+    if any(p.requires_grad for p in model.reference_unet.parameters()):
+        model.reference_unet.enable_gradient_checkpointing()
+        on.append("reference_unet")
+    return on
 
 
 def save_model(model, cfg: Config, target: Path) -> Path:
@@ -139,7 +169,7 @@ def train(cfg: Config) -> dict:
     from singer.models.singer import SingerModel
     from singer.release import tracking
     from singer.train import check_world_size, want_cpu
-    from singer.train.checkpoint import resume, save_checkpoint
+    from singer.train.checkpoint import keep_only, resume, save_checkpoint
     from singer.train.media_log import loss_plot
 
     cfg = variant_config(cfg)
@@ -161,6 +191,12 @@ def train(cfg: Config) -> dict:
     model = SingerModel.build(cfg.model, resolution=cfg.crop.resolution, fps=float(cfg.clip.fps), seed=tc.seed)
     trainable = model.set_trainable(list(tc.trainable))
     n_trainable = sum(p.numel() for n, p in model.named_parameters() if n in set(trainable))
+    if tc.gradient_checkpointing:
+        accelerator.print(f"gradient checkpointing on {', '.join(enable_gradient_checkpointing(model))}")
+    manifest = checkpoint_manifest(model, trainable)
+    if getattr(model, "pretrained_report", None) is not None:
+        accelerator.print(f"pretrained {cfg.model.pretrained}: {model.pretrained_report.summary()}; checkpoints "
+                          f"hold {len(manifest['saved'])} tensors ({manifest['saved_bytes'] / 2**20:.1f} MiB)")
 
     dataset = SingerClipDataset(cfg, "train")
     embeddings = face_embeddings(dataset, cfg.model)
@@ -174,7 +210,9 @@ def train(cfg: Config) -> dict:
 
     key = run_key(cfg)
     checkpoints = Path(tc.checkpoints_dir) / key
-    state = resume(accelerator, checkpoints) or {"step": 0}
+    if isinstance(manifest["saved"], list):
+        keep_only(accelerator, manifest["saved"])
+    state = resume(accelerator, checkpoints, manifest=manifest) or {"step": 0}
     step = int(state["step"])
     resumed_from = step
     history: list[tuple[int, float]] = [tuple(x) for x in state.get("history", [])]
@@ -224,9 +262,10 @@ def train(cfg: Config) -> dict:
                                        "samples_per_second": samples / max(elapsed, 1e-9)}, step)
                 if step % tc.checkpoint_every == 0 or step == tc.steps:
                     path = save_checkpoint(accelerator, checkpoints, step, keep_last=tc.keep_last,
-                                           extra={"mlflow_run_id": run_id, "epoch": epoch, "history": history})
+                                           extra={"mlflow_run_id": run_id, "epoch": epoch, "history": history},
+                                           manifest=manifest)
                     if accelerator.is_main_process:
-                        tracking.log_checkpoint(path, step)
+                        tracking.log_checkpoint(path, step, retention=cfg.tracking.checkpoint_retention)
                 if tc.validate_every and step % tc.validate_every == 0 and accelerator.is_main_process:
                     video = sample_video(accelerator.unwrap_model(model), cfg, test_split, test_embeddings,
                                          samples_dir, step)
@@ -241,7 +280,8 @@ def train(cfg: Config) -> dict:
         if accelerator.is_main_process:
             unwrapped = accelerator.unwrap_model(model)
             target = save_model(unwrapped, cfg, Path(tc.models_dir) / tc.variant)
-            tracking.log_model_dir(target)
+            if cfg.tracking.log_model:
+                tracking.log_model_dir(target)
             plot = loss_plot(history, samples_dir / "loss.png", title=f"training loss ({tc.variant})")
             tracking.log_artifact(plot, "plots")
             losses = [v for _, v in history]
