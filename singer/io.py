@@ -1,4 +1,4 @@
-"""Atomic file and folder writes: a reader never sees a half-written output.
+"""Atomic file and folder writes (a reader never sees a half-written output), and file digests.
 
 Files are written to a hidden temporary name in the same folder and renamed (rename is atomic on one
 filesystem). A stage's output folder is built as `<out>.tmp` and swapped in only when the stage succeeds.
@@ -7,6 +7,7 @@ filesystem). A stage's output folder is built as `<out>.tmp` and swapped in only
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -104,3 +105,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 4 << 20) -> str:
+    """The sha256 hex digest of a file, read in chunks (memory stays at one chunk for any size)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -16,7 +16,6 @@ Stats go to `metrics/ingest.json`. Exit is non-zero only when nothing usable is 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from tqdm import tqdm
 
 from singer.config import Config
 from singer.data.common import Rejections, StageError, Timer, slug, write_stats
-from singer.io import atomic_dir, write_parquet_atomic
+from singer.io import atomic_dir, file_sha256, write_parquet_atomic
 from singer.media import MediaError, probe, read_audio
 
 MANIFEST_COLUMNS = [
@@ -43,13 +42,6 @@ class Candidate:
     source: str      # where it came from (local path or s3:// URI), for reports
     subject: str
 
-
-def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _subject_of(path: Path, root: Path) -> str:
@@ -123,7 +115,7 @@ def run_ingest(cfg: Config, progress: bool = True) -> dict:
         candidates = gather_sources(cfg)
         for cand in tqdm(candidates, desc="ingest", unit="file", disable=not progress):
             try:
-                digest = sha256_of(cand.path)
+                digest = file_sha256(cand.path)
                 if digest in seen:
                     rejections.add(cand.source, f"duplicate of {seen[digest]} (same sha256)", sha256=digest)
                     continue

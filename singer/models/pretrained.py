@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from singer.io import file_sha256
 from singer.models.convert import (
     SOURCES,
     TARGET_PREFIX,
@@ -110,17 +111,10 @@ class LoadReport:
         """Size and sha256 of every file the weights came from (relative to ``path``), and one sha256 over them."""
         files = {}
         for file in sorted(set(self.files)):
-            files[_relative(file, self.path)] = {"size": file.stat().st_size, "sha256": _sha256(file)}
+            files[_relative(file, self.path)] = {"size": file.stat().st_size, "sha256": file_sha256(file)}
         digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
         return {"path": str(self.path), "files": files, "sha256": digest}
 
-
-def _sha256(path: Path, chunk: int = 8 * 1024 * 1024) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _relative(file: Path, root: Path) -> str:

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from singer.io import file_sha256
 from singer.storage.s3 import (
     StorageError,
     _client,
@@ -53,13 +54,6 @@ def file_md5(path: str | os.PathLike, chunk: int = 4 * MiB) -> str:
             h.update(block)
     return h.hexdigest()
 
-
-def file_sha256(path: str | os.PathLike, chunk: int = 4 * MiB) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def multipart_etag(path: str | os.PathLike, part_size: int) -> str:
