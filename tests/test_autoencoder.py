@@ -143,7 +143,7 @@ def test_scheduler_settings(tiny):
     c = s.config
     assert (c.prediction_type, c.timestep_spacing, c.rescale_betas_zero_snr, c.clip_sample) == (
         "v_prediction", "trailing", True, False)
-    assert (c.beta_start, c.beta_end, c.beta_schedule, c.num_train_timesteps) == (0.00085, 0.012, "linear", 1000)
+    assert (c.beta_start, c.beta_end, c.beta_schedule, c.num_train_timesteps) == (0.00085, 0.012, "scaled_linear", 1000)  # Hallo trains with scaled_linear
     assert abs(float(s.alphas_cumprod[-1])) < 1e-12  # zero terminal SNR
     assert float(s.alphas_cumprod[0]) > 0.999
     assert torch.all(s.alphas_cumprod[1:] <= s.alphas_cumprod[:-1])
