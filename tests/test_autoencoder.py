@@ -158,8 +158,10 @@ def test_scheduler_settings(tiny):
     e = eps.config
     assert (e.prediction_type, e.timestep_spacing, e.rescale_betas_zero_snr, e.clip_sample) == (
         "epsilon", "leading", False, False)
-    assert (e.beta_start, e.beta_end, e.beta_schedule, e.num_train_timesteps) == (0.00085, 0.012, "linear", 1000)
-    alpha_bar = np.cumprod(1 - np.linspace(0.00085, 0.012, 1000))  # computed here, not by diffusers
+    assert (e.beta_start, e.beta_end, e.beta_schedule, e.num_train_timesteps) == (
+        0.00085, 0.012, "scaled_linear", 1000)
+    # computed here, not by diffusers: scaled_linear betas are linear in sqrt(beta)
+    alpha_bar = np.cumprod(1 - np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2)
     np.testing.assert_allclose(eps.alphas_cumprod.double().numpy(), alpha_bar, rtol=1e-5)
     assert float(eps.alphas_cumprod[-1]) > 1e-3
 
