@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from singer.urls import redact_url, server_unreachable
+
 SAMPLE_RATE = 16000
 FPS = 25  # the shortest song is one frame of it
 
@@ -101,36 +103,19 @@ def load_vocals(path: Path, samples: int, warn: Callable[[str], None] = print) -
     return out
 
 
-def _redact(uri: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(uri)
-    if parts.password is None and parts.username is None:
-        return uri
-    host = parts.hostname or ""
-    return urlunsplit(parts._replace(netloc=f"***@{host}" + (f":{parts.port}" if parts.port else "")))
-
-
 def check_registry(uri: str, timeout: float = 5.0) -> None:
     """Fail fast, in one line, where MLflow would create a store as a side effect (a sqlite file that is
     not there) or retry for minutes (a server nobody answers at)."""
-    import urllib.error
-    import urllib.request
-
     hint = "set MLFLOW_TRACKING_URI to the store `singer register` used"
     if uri.startswith("sqlite:///"):
         path = uri[len("sqlite:///"):]
         if path and path != ":memory:" and not Path(path).is_file():
             raise GenerateError(f"no MLflow store at {path} (from the tracking URI {uri}); {hint}")
     elif uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:  # noqa: S310
-                resp.read(64)
-        except urllib.error.HTTPError:
-            return  # it answers; a server without /health still works
-        except (urllib.error.URLError, OSError) as exc:
+        exc = server_unreachable(uri, timeout)
+        if exc is not None:
             reason = getattr(exc, "reason", exc)
-            raise GenerateError(f"MLflow server {_redact(uri)} is not reachable ({reason}); start it or {hint}") \
+            raise GenerateError(f"MLflow server {redact_url(uri)} is not reachable ({reason}); start it or {hint}") \
                 from exc
 
 
@@ -158,7 +143,7 @@ def resolve_model(model: str) -> Path:
             with _quiet("mlflow", "alembic"):
                 local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model))
         except Exception as exc:  # MLflow raises many kinds; the message is what the user needs
-            raise GenerateError(f"cannot fetch {model} from the MLflow registry at {_redact(uri)}: "
+            raise GenerateError(f"cannot fetch {model} from the MLflow registry at {redact_url(uri)}: "
                                 f"{first_line(exc)}; check the name and alias (`singer register`, "
                                 f"`singer release`) or MLFLOW_TRACKING_URI") from exc
     else:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from singer.config import flatten
+from singer.urls import REDACTED, redact_url
 
 if TYPE_CHECKING:
     from singer.config import Config
@@ -28,14 +29,7 @@ if TYPE_CHECKING:
 SECRET_KEY_PATTERN = re.compile(
     r"(secret|password|passwd|token|access_key|credential|api_key|apikey|private_key)", re.IGNORECASE
 )
-_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^/@\s:]*):(?P<pw>[^/@\s]*)@")
-REDACTED = "***"
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
-
-
-def redact_url(text: str) -> str:
-    """`postgresql://user:pw@db/x` -> `postgresql://user:***@db/x`."""
-    return _URL_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", str(text))
 
 
 def scrub_params(params: dict[str, Any]) -> dict[str, Any]:

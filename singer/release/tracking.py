@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from singer.release.lineage import _BAD_KEY_CHARS, config_params, data_hash, git_info, redact_url
+from singer.urls import server_unreachable
 
 if TYPE_CHECKING:
     from singer.config import Config, TrackingConfig
@@ -108,15 +109,8 @@ def experiment_artifact_location(tracking_uri: str, location: str) -> str | None
 
 
 def _check_http(uri: str, timeout: float = 5.0) -> None:
-    import urllib.error
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:  # noqa: S310
-            resp.read(64)
-    except urllib.error.HTTPError:
-        return  # it answers; a server without /health still works
-    except (urllib.error.URLError, OSError) as exc:
+    exc = server_unreachable(uri, timeout)
+    if exc is not None:
         raise TrackingError(f"MLflow server {redact_url(uri)} is not reachable: {exc}") from exc
 
 
