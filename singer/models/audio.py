@@ -404,12 +404,10 @@ class AudioEncoder(ModelMixin, ConfigMixin):
         if int(start.min()) < 0 or last > total:
             raise ValueError(f"audio window frames {int(start.min())}..{last} do not fit the clip's {total} frames "
                              f"({waveform.shape[1]} samples at {fps} fps)")
-        w = int(self.config.window)
-        offsets = torch.arange(-w, w + 1, device=hidden.device)
-        frames = torch.arange(int(num_frames), device=hidden.device)
-        idx = (start[:, None, None] + frames[None, :, None] + offsets[None, None, :]).clamp_(0, total - 1)
-        rows = torch.arange(b, device=hidden.device)[:, None, None]
-        return self.project(hidden[rows, idx])                               # (B, F, 2w+1, L, H) -> tokens
+        windows = self.window(hidden)                                        # (B, T, 2w+1, L, H), whole clips
+        frames = start[:, None] + torch.arange(int(num_frames), device=hidden.device)[None]
+        rows = torch.arange(b, device=hidden.device)[:, None]
+        return self.project(windows[rows, frames])                           # (B, F, 2w+1, L, H) -> tokens
 
     def forward(self, waveform: torch.Tensor, num_frames: int | None = None, fps: float = 25.0) -> torch.Tensor:
         """(B, S) 16 kHz waveform -> (B, num_frames, audio_tokens, cross_attention_dim)."""
