@@ -4,6 +4,7 @@ follows the song: the project's own commands end to end, with audio controls, ov
     python benchmarks/learning.py                       # seeds 0 1 2, variant full (about 1 h on 2 cores)
     python benchmarks/learning.py --seeds 0 --variants full no_msm no_sfm no_both --controls none
     python benchmarks/learning.py --report-only         # the table again from what is on disk
+    python benchmarks/learning.py --seeds 0 --controls none shuffled --sampling dpm_solver:5   # + a sampler
 
 What it runs, in `benchmarks/results/learning/` (a project folder of its own):
 1. `params.yaml` = the repository's params.yaml with `benchmarks/learning.yaml` merged over it (corpus size,
@@ -88,15 +89,26 @@ def run_overrides(run_dir: Path, variant: str, seed: int) -> list[str]:
             "-S", f"train.models_dir={run_dir / 'models'}", "-S", f"paths.metrics={run_dir / 'metrics'}"]
 
 
-def eval_overrides(run_dir: Path, variant: str, seed: int, control: str) -> list[str]:
+def label(control: str, sampling: str | None) -> str:
+    """The table row's audio column: the control, and the sampler when it is not learning.yaml's."""
+    return control if sampling is None else f"{control}@{sampling.replace(':', '')}"
+
+
+def eval_overrides(run_dir: Path, variant: str, seed: int, control: str, sampling: str | None = None) -> list[str]:
+    name = label(control, sampling)
+    extra = []
+    if sampling is not None:  # "dpm_solver:5": the same trained model sampled another way
+        sampler, steps = sampling.split(":")
+        extra = ["-S", f"evaluate.sampler={sampler}", "-S", f"evaluate.inference_steps={int(steps)}"]
     return [*run_overrides(run_dir, variant, seed),
-            "-S", f"paths.metrics={run_dir / f'metrics-{control}'}",
+            "-S", f"paths.metrics={run_dir / f'metrics-{name}'}",
             "-S", f"evaluate.model_dir={run_dir / 'models' / variant}",
-            "-S", f"evaluate.out_dir={run_dir / f'eval-{control}'}",
-            "-S", f"evaluate.audio_control={control}", "-S", f"evaluate.seed={seed}"]
+            "-S", f"evaluate.out_dir={run_dir / f'eval-{name}'}",
+            "-S", f"evaluate.audio_control={control}", "-S", f"evaluate.seed={seed}", *extra]
 
 
 def eval_json(run_dir: Path, variant: str, control: str) -> Path:
+    """control: a `label` (the control, with the sampler when it is not learning.yaml's)."""
     name = "eval.json" if variant == "full" else f"{variant}-eval.json"
     return run_dir / f"metrics-{control}" / name
 
@@ -105,15 +117,18 @@ def train_json(run_dir: Path, variant: str) -> Path:
     return run_dir / "metrics" / ("train.json" if variant == "full" else f"{variant}-train.json")
 
 
-def train_and_evaluate(work: Path, variant: str, seed: int, log: Path, controls: list[str]) -> dict:
+def train_and_evaluate(work: Path, variant: str, seed: int, log: Path, controls: list[str],
+                       samplings: list[str | None] = (None,)) -> dict:
     run_dir = Path("runs") / f"{variant}-s{seed}"
     timings = {}
     if not (work / train_json(run_dir, variant)).exists():
         timings["train"] = singer(["train", *run_overrides(run_dir, variant, seed)], work, log)
-    for control in controls:
-        if not (work / eval_json(run_dir, variant, control)).exists():
-            timings[f"evaluate_{control}"] = singer(["evaluate", "--no-progress",
-                                                     *eval_overrides(run_dir, variant, seed, control)], work, log)
+    for sampling in samplings:
+        for control in controls:
+            name = label(control, sampling)
+            if not (work / eval_json(run_dir, variant, name)).exists():
+                timings[f"evaluate_{name}"] = singer(
+                    ["evaluate", "--no-progress", *eval_overrides(run_dir, variant, seed, control, sampling)], work, log)
     return timings
 
 
@@ -235,6 +250,10 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["full"])
     parser.add_argument("--controls", nargs="+", choices=CONTROLS, default=CONTROLS,
                         help="audio driving each model; the ablation needs only `none` (a third of the time)")
+    parser.add_argument("--sampling", nargs="+", default=[],
+                        help="more samplings of every trained model, SAMPLER:STEPS (e.g. dpm_solver:5), each a row "
+                             "beside learning.yaml's (evaluate.sampler / inference_steps)")
+    parser.add_argument("--name", default=None, help="results name (default: learning, or learning-ablation)")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--figure", type=Path, default=HERE / "figures" / "learning.png")
     args = parser.parse_args()
@@ -252,19 +271,21 @@ def main() -> None:
         data = prepare_data(work, params, log)
         for variant in args.variants:
             for seed in args.seeds:
-                timings[f"{variant}-s{seed}"] = train_and_evaluate(work, variant, seed, log, args.controls)
+                timings[f"{variant}-s{seed}"] = train_and_evaluate(work, variant, seed, log, args.controls,
+                                                                   [None, *args.sampling])
                 print(f"{variant} seed {seed}: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings[f"{variant}-s{seed}"].items()),
                       flush=True)
 
-    table = collect(work, args.variants, args.seeds, args.controls)
+    labels = [label(c, s) for s in [None, *args.sampling] for c in args.controls]
+    table = collect(work, args.variants, args.seeds, labels)
     gt_identity = truth_identity(work)
     passed = targets(table, gt_identity)
     fig = figure(work, args.seeds[0], args.figure)
 
-    header = f"{'variant/audio':<22}" + "".join(f"{m:>20}" for m in METRICS) + f"{'training s':>14}"
-    lines = [header] + [f"{k:<22}" + "".join(f"{fmt(v[m]):>20}" for m in METRICS) + f"{fmt(v['train_seconds'], 0):>14}"
+    header = f"{'variant/audio':<28}" + "".join(f"{m:>20}" for m in METRICS) + f"{'training s':>14}"
+    lines = [header] + [f"{k:<28}" + "".join(f"{fmt(v[m]):>20}" for m in METRICS) + f"{fmt(v['train_seconds'], 0):>14}"
                         for k, v in table.items()]
-    lines.append(f"{'ground truth':<22}" + "".join(f"{(f'{gt_identity:.3f}' if m == 'identity' else '-'):>20}"
+    lines.append(f"{'ground truth':<28}" + "".join(f"{(f'{gt_identity:.3f}' if m == 'identity' else '-'):>20}"
                                                    for m in METRICS))
     print("\n".join(lines))
     rows = [(name, "PASS" if ok else "FAIL") for name, ok in passed.items()]
@@ -272,10 +293,10 @@ def main() -> None:
         seconds = table[f"{variant}/{args.controls[0]}"]["train_seconds"]
         if seconds["mean"] is not None:
             rows.append((f"training wall time, {variant}", f"{fmt(seconds, 0)} s"))
-    name = "learning" if args.variants == ["full"] else "learning-ablation"  # the seeds' table stays
+    name = args.name or ("learning" if args.variants == ["full"] else "learning-ablation")  # the seeds' table stays
     report(name, rows, {"table": table, "ground_truth_identity": gt_identity, "targets": passed,
                               "timings": timings, "data": data, "seeds": args.seeds, "variants": args.variants,
-                              "controls": args.controls,
+                              "controls": args.controls, "sampling": args.sampling,
                               "params": yaml.safe_load(args.params.read_text()), "figure": str(fig) if fig else None})
 
 

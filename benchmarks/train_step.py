@@ -1,9 +1,12 @@
 """Training step of the tiny preset on this machine: time, samples/s, achieved FLOP/s against the machine's
-measured matmul peak, and the cost of the spectral modules (step time full / no_both), all in one run.
+measured matmul peaks (fp32 and bf16), in fp32 and under bf16 autocast (`compute.dtype: bf16`), and the cost of
+the spectral modules (step time full / no_both), all in one run.
 
-    python benchmarks/train_step.py [--batch 2 --steps 6]
+    python benchmarks/train_step.py [--batch 2 --steps 6] [--compile]
 
 FLOPs are counted with torch.utils.flop_counter on one step (matmuls and convolutions, forward and backward).
+bf16 is mixed precision as training runs it (accelerate's autocast): fp32 weights and Adam, bf16 matmuls.
+`--compile` adds a bf16 row with both UNets compiled (its compile time reported apart).
 """
 
 from __future__ import annotations
@@ -37,20 +40,26 @@ def batch_for(cfg, b: int, seed: int = 0) -> dict:
             "face_embedding": torch.randn(b, cfg.model.face_embed_dim, generator=g) * 0.1}
 
 
-def time_steps(model, batch, steps: int) -> float:
+def time_steps(model, batch, steps: int, dtype=torch.float32) -> tuple[float, float]:
+    """(median step seconds, first step seconds)."""
+    from singer.compute import autocast
+
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     g = torch.Generator().manual_seed(0)
     times = []
     for i in range(steps + 1):
         start = time.perf_counter()
-        loss, _ = model.training_loss(batch, generator=g)
+        with autocast(dtype):
+            loss, _ = model.training_loss(batch, generator=g)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if i:  # the first step warms up allocators and kernels
+        if i:  # the first step warms up allocators and kernels (and compiles)
             times.append(time.perf_counter() - start)
+        else:
+            first = time.perf_counter() - start
     times.sort()
-    return times[len(times) // 2]
+    return times[len(times) // 2], first
 
 
 def main() -> dict:
@@ -58,43 +67,57 @@ def main() -> dict:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--compile", action="store_true")
     args = parser.parse_args()
 
     from torch.utils.flop_counter import FlopCounterMode
 
+    from singer.compute import compile_module
     from singer.config import load_config
     from singer.models.singer import SingerModel
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "params.yaml", preset=args.preset)
     batch = batch_for(cfg, args.batch)
-    peak = matmul_peak_gflops()
+    peak = matmul_peak_gflops(2048, repeats=5)
+    peak_bf16 = matmul_peak_gflops(2048, repeats=5, dtype=torch.bfloat16)
+    settings = {"full fp32": (True, torch.float32, False), "full bf16": (True, torch.bfloat16, False),
+                "no_both fp32": (False, torch.float32, False)}
+    if args.compile:
+        settings["full bf16 compiled"] = (True, torch.bfloat16, True)
     results = {}
-    for variant, (msm, sfm) in {"full": (True, True), "no_both": (False, False)}.items():
+    for name, (spectral, dtype, compiled) in settings.items():
         torch.manual_seed(0)
-        model = SingerModel.build(cfg.model.model_copy(update={"msm": msm, "sfm": sfm}), cfg.crop.resolution)
+        model = SingerModel.build(cfg.model.model_copy(update={"msm": spectral, "sfm": spectral}), cfg.crop.resolution)
         model.set_trainable(list(cfg.train.trainable))
-        step = time_steps(model, batch, args.steps)
+        if compiled:
+            compile_module(model.denoising_unet)
+            compile_module(model.reference_unet)
+        step, first = time_steps(model, batch, args.steps, dtype)
         with FlopCounterMode(display=False) as counter:
             loss, _ = model.training_loss(batch, generator=torch.Generator().manual_seed(0))
             loss.backward()
         flops = counter.get_total_flops()
-        results[variant] = {"step_seconds": step, "samples_per_second": args.batch / step,
-                            "gflop_per_step": flops / 1e9, "achieved_gflops": flops / 1e9 / step}
-    full, plain = results["full"], results["no_both"]
+        results[name] = {"step_seconds": step, "first_step_seconds": first, "samples_per_second": args.batch / step,
+                         "gflop_per_step": flops / 1e9, "achieved_gflops": flops / 1e9 / step,
+                         "fraction_of_fp32_peak": flops / 1e9 / step / peak,
+                         "fraction_of_bf16_peak": flops / 1e9 / step / peak_bf16}
+    full, fast, plain = results["full fp32"], results["full bf16"], results["no_both fp32"]
     result = {
         "preset": args.preset, "batch": args.batch, "frames": cfg.model.num_frames,
-        "resolution": cfg.crop.resolution, "matmul_peak_gflops": peak, "variants": results,
-        "fraction_of_peak": full["achieved_gflops"] / peak,
+        "resolution": cfg.crop.resolution, "matmul_peak_gflops": peak, "matmul_peak_bf16_gflops": peak_bf16,
+        "variants": results, "fraction_of_peak": full["achieved_gflops"] / peak,
+        "bf16_speedup": full["step_seconds"] / fast["step_seconds"],
         "msm_sfm_overhead_ratio": full["step_seconds"] / plain["step_seconds"],
     }
-    rows = [
-        ("matmul peak (1024^3 fp32)", f"{peak:.0f} GFLOP/s"),
-        ("step, full", f"{full['step_seconds'] * 1000:.0f} ms ({full['samples_per_second']:.2f} samples/s)"),
-        ("step, no_both", f"{plain['step_seconds'] * 1000:.0f} ms"),
-        ("work per step, full", f"{full['gflop_per_step']:.1f} GFLOP"),
-        ("achieved, full", f"{full['achieved_gflops']:.1f} GFLOP/s = {result['fraction_of_peak']:.1%} of peak"),
-        ("MSM+SFM overhead", f"x{result['msm_sfm_overhead_ratio']:.3f} (full / no_both step time)"),
-    ]
+    rows = [("matmul peak (2048^3)", f"fp32 {peak:.0f} GFLOP/s, bf16 {peak_bf16:.0f} GFLOP/s"),
+            ("work per step, full", f"{full['gflop_per_step']:.1f} GFLOP")]
+    for name, r in results.items():
+        extra = f", first step {r['first_step_seconds']:.0f} s (compiles)" if "compiled" in name else ""
+        rows.append((f"step, {name}", f"{r['step_seconds'] * 1000:.0f} ms = {r['achieved_gflops']:.0f} GFLOP/s = "
+                                      f"{r['fraction_of_fp32_peak']:.1%} of fp32 peak, "
+                                      f"{r['fraction_of_bf16_peak']:.1%} of bf16 peak{extra}"))
+    rows += [("bf16 speed-up", f"x{result['bf16_speedup']:.2f} (full fp32 / full bf16 step time)"),
+             ("MSM+SFM overhead", f"x{result['msm_sfm_overhead_ratio']:.3f} (full / no_both step time, fp32)")]
     report("train_step", rows, result)
     return result
 

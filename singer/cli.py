@@ -277,6 +277,7 @@ def generate(
     model: str = typer.Option("models/full", help="a save_pretrained folder, or models:/<name>@<alias>"),
     steps: int | None = typer.Option(None, help="denoising steps (default: the model's)"),
     guidance: float | None = typer.Option(None, help="classifier-free guidance scale"),
+    sampler: str | None = typer.Option(None, help="ddim | dpm_solver | unipc (default: the model's)"),
     seed: int = typer.Option(0, help="random seed"),
     progress: bool = typer.Option(True, help="show a progress bar"),
     pretrained: Path | None = typer.Option(None, help="instead of --model: build the model of --preset/-S on these "
@@ -293,19 +294,21 @@ def generate(
     from singer.generate import GenerateError, generate_video
 
     config = None
-    if pretrained is not None or set_ and any(o.strip().startswith("model.pretrained=") for o in set_):
-        try:
+    try:  # compute.dtype / compute.compile come from params.yaml (and -S) like every other setting
+        compute = _load(params, preset, list(set_ or [])).compute
+        if pretrained is not None or set_ and any(o.strip().startswith("model.pretrained=") for o in set_):
             config = _load(params, preset, list(set_ or []) + ([f"model.pretrained={pretrained}"] if pretrained
                                                                else []))
-        except (ConfigError, FileNotFoundError, ValueError) as exc:
-            _fail(f"generate: {exc}")
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        _fail(f"generate: {exc}")
 
     def warn(message: str) -> None:
         console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
     try:
         info = generate_video(image, audio, output, model, steps=steps, guidance=guidance, seed=seed,
-                              progress=progress, warn=warn, vocals=vocals, config=config)
+                              progress=progress, warn=warn, vocals=vocals, config=config, compute=compute,
+                              sampler=sampler)
     except GenerateError as exc:
         _fail(str(exc))
     if info.get("pretrained"):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEFAULT_PARAMS = "params.yaml"
 
@@ -154,6 +154,9 @@ class ModelConfig(Section):
     beta_schedule: str = "scaled_linear"     # Hallo trains with it (scripts/train_stage2.py:222-223)
     prediction_type: str = "v_prediction"
     inference_steps: int = 25
+    # the sampler generation steps with (singer.models.scheduler.make_sampler): DDIM (Hallo's), or DPM-Solver++ /
+    # UniPC (diffusers' multistep solvers, good in few steps); every one on the trained noise schedule
+    sampler: Literal["ddim", "dpm_solver", "unipc"] = "ddim"
     guidance_scale: float = 3.5
     snr_gamma: float | None = 5.0             # min-SNR-gamma loss weighting (Hallo's snr_gamma); None: plain MSE
     # condition dropout in training, for classifier-free guidance (SingerModel.conditions says what a drop is):
@@ -179,7 +182,6 @@ class TrainConfig(Section):
     adam_betas: list[float] = [0.9, 0.999]
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    mixed_precision: str = "no"               # no | fp16 | bf16 (ignored where the device lacks it)
     seed: int = 0
     trainable: list[str] = ["all"]           # module names, or "all"
     checkpoint_every: int = 50
@@ -194,6 +196,14 @@ class TrainConfig(Section):
     log_every: int = 1
     gradient_checkpointing: bool = False      # on the UNets (paper: True); recomputes activations in backward
 
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "mixed_precision" in data:
+            raise ValueError("train.mixed_precision moved to compute.dtype (auto | fp32 | bf16 | fp16), which "
+                             "training, evaluation and generation share")
+        return data
+
 
 class EvaluateConfig(Section):
     """`singer evaluate`: generate every test clip from its reference frame and audio, then score it."""
@@ -203,6 +213,7 @@ class EvaluateConfig(Section):
     max_clips: int | None = None              # None: every test clip
     inference_steps: int = 25
     guidance_scale: float | None = None       # None: the model's
+    sampler: Literal["ddim", "dpm_solver", "unipc"] | None = None  # None: the model's (model.sampler)
     seed: int = 0
     num_workers: int = 2                      # Ray tasks at once (local); RAY_ADDRESS for a cluster
     metrics: list[str] = ["ssim", "psnr", "cpbd", "lmd", "diversity", "bas", "identity", "mouth_correlation",
@@ -215,6 +226,15 @@ class EvaluateConfig(Section):
     # a control: generate from another test clip's audio (of another subject when there is one) or from
     # silence, and score against the clip's own ground truth (does the audio, not the reference, drive it?)
     audio_control: Literal["none", "shuffled", "silent"] = "none"
+
+
+class ComputeConfig(Section):
+    """How the networks compute (singer/compute.py), in training, evaluation and generation."""
+
+    # auto: bf16 autocast where the device has bf16 matrix units (a CPU with AMX / AVX512-BF16, a bf16 GPU),
+    # fp32 elsewhere; fp32: the exact path. Weights and optimizer state stay fp32 either way.
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    compile: bool = False                     # torch.compile (inductor) the UNets; the first call compiles
 
 
 class ReleaseConfig(Section):
@@ -263,6 +283,7 @@ class Config(Section):
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
     s3: S3Config = S3Config()
     model: ModelConfig = ModelConfig()
+    compute: ComputeConfig = ComputeConfig()
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
     evaluate: EvaluateConfig = EvaluateConfig()

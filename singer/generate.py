@@ -186,13 +186,19 @@ def build_pipeline(cfg):
 
 def generate_video(image: Path, audio: Path, output: Path, model: str = "models/full", steps: int | None = None,
                    guidance: float | None = None, seed: int = 0, progress: bool = True,
-                   warn: Callable[[str], None] = print, vocals: Path | None = None, config=None) -> dict:
+                   warn: Callable[[str], None] = print, vocals: Path | None = None, config=None, compute=None,
+                   sampler: str | None = None) -> dict:
     """Write `output`; the audio encoder hears `vocals` (16 kHz, fitted to the song) when given, else the song.
-    With `config` (a Config whose model.pretrained is set) the model is built from it instead of loading `model`."""
+    With `config` (a Config whose model.pretrained is set) the model is built from it instead of loading `model`.
+    compute: a `ComputeConfig` (None: fp32, eager); sampler: ddim | dpm_solver | unipc (None: the model's)."""
     from singer.faces import InputError, load_image, make_face_embedder, prepare_reference
 
     image, audio, output = Path(image), Path(audio), Path(output)
+    from singer.models.scheduler import SAMPLERS
+
     check_settings(steps, guidance)
+    if sampler is not None and sampler not in SAMPLERS:
+        raise GenerateError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     check_writable(output)
     try:
         portrait = load_image(image)
@@ -213,6 +219,8 @@ def generate_video(image: Path, audio: Path, output: Path, model: str = "models/
 
         diffusers_logging.disable_progress_bar()
     pipe, loaded = (load_pipeline(folder), None) if config is None else build_pipeline(config)
+    if compute is not None:
+        pipe.set_compute(compute)
     most = int(pipe.scheduler.config.num_train_timesteps)
     if steps is not None and steps > most:
         raise GenerateError(f"--steps must be at most {most} (the model's training timesteps), got {steps}")
@@ -226,7 +234,7 @@ def generate_video(image: Path, audio: Path, output: Path, model: str = "models/
         warn(f"{minutes:.1f} minutes of audio: generating in windows of {pipe.model_cfg.num_frames} frames")
     started = time.perf_counter()
     result = pipe(reference, heard, embedding, num_inference_steps=steps, guidance_scale=guidance,
-                  generator=torch.Generator().manual_seed(seed), progress=progress)
+                  generator=torch.Generator().manual_seed(seed), progress=progress, sampler=sampler)
     seconds = len(result.frames) / result.fps
     try:
         # write_video encodes into a temporary name beside `output` and renames it into place
@@ -235,5 +243,5 @@ def generate_video(image: Path, audio: Path, output: Path, model: str = "models/
     except OSError as exc:
         raise GenerateError(f"cannot write {output}: {exc.strerror or exc}") from exc
     return {"frames": len(result.frames), "seconds": seconds, "compute_seconds": time.perf_counter() - started,
-            "model": str(folder), "output": os.fspath(output),
+            "model": str(folder), "output": os.fspath(output), "compute_dtype": str(pipe.compute_dtype),
             "pretrained": loaded.summary() if loaded is not None else None}

@@ -10,6 +10,10 @@ generated frames of the previous one (the reference image for the first window).
 one batched forward for the conditional and unconditional branches (classifier-free guidance), so MSM is
 evaluated once per step, on that step's z_t: ``v = v_uncond + guidance * (v_cond - v_uncond)``. With
 ``guidance_scale == 1`` that is ``v_cond``, so only the conditional branch runs (the same result, half the work).
+
+Speed (README "Benchmarks"): ``pipe.set_compute(cfg.compute)`` runs the networks under bf16 autocast where the
+device has bf16 matrix units and/or compiles the denoising UNet (the sampler's arithmetic and the decoder stay
+fp32); ``sampler="dpm_solver"`` (or ``model.sampler``) samples with DPM-Solver++, good in 5 steps.
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from tqdm.auto import tqdm
 
+from singer.compute import autocast, compile_module, resolve_dtype
 from singer.config import ModelConfig
 from singer.data.dataset import to_tensor_video, to_uint8_video
 from singer.models.autoencoder import decode_video, vae_scale_factor
+from singer.models.scheduler import make_sampler
 from singer.models.singer import Conditions, SingerModel
 
 
@@ -46,6 +52,14 @@ class SingerPipeline(DiffusionPipeline):
                               msm=msm, scheduler=scheduler)
         # everything generation needs besides weights: the model config, resolution and frame rate
         self.register_to_config(settings=settings or {})
+        self.compute_dtype = torch.float32   # set_compute: how the networks run here (not saved with the model)
+
+    def set_compute(self, compute) -> SingerPipeline:
+        """Apply a `ComputeConfig` (params.yaml `compute:`): the autocast dtype on this pipeline's device, and
+        torch.compile of the denoising UNet (in place: saving is unaffected). Returns self."""
+        self.compute_dtype = resolve_dtype(compute.dtype, self.denoising_unet.device)
+        compile_module(self.denoising_unet, enabled=bool(compute.compile))
+        return self
 
     @classmethod
     def extract_init_dict(cls, config_dict, **kwargs):
@@ -91,9 +105,10 @@ class SingerPipeline(DiffusionPipeline):
     def __call__(self, reference: dict, audio: np.ndarray, face_embedding: np.ndarray,
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  generator: torch.Generator | None = None, num_frames: int | None = None,
-                 progress: bool = True) -> SingerPipelineOutput:
+                 progress: bool = True, sampler: str | None = None) -> SingerPipelineOutput:
         """reference: `prepare_reference` output (image (H,W,3) uint8 at `resolution`, masks full/face/lip + face_region);
-        audio: (S,) float 16 kHz mono; face_embedding: (E,) identity embedding of the reference."""
+        audio: (S,) float 16 kHz mono; face_embedding: (E,) identity embedding of the reference.
+        sampler: ddim | dpm_solver | unipc (None: the model's, ``model.sampler``)."""
         cfg = self.model_cfg
         model = self.to_model()
         steps = cfg.inference_steps if num_inference_steps is None else int(num_inference_steps)
@@ -125,21 +140,27 @@ class SingerPipeline(DiffusionPipeline):
         latent_h = self.resolution // vae_scale_factor(self.vae)
         shape = (1, self.denoising_unet.config.in_channels, f, latent_h, latent_h)
 
-        self.scheduler.set_timesteps(steps, device=device)
+        scheduler = make_sampler(self.scheduler, sampler or cfg.sampler)
+        amp = self.compute_dtype
         frames = []
         bar = tqdm(total=n_windows * steps, desc="generate", unit="step", disable=not progress)
         for k in range(n_windows):
             audio_tokens = self.audio_encoder.project(features[:, k * f:(k + 1) * f])
             window = {**batch, "motion": motion}
-            if guidance != 1:  # both branches in one batch, conditional first
-                cond = model.guidance_conditions(window, audio_tokens=audio_tokens)
-            else:
-                cond = model.conditions(window, audio_tokens=audio_tokens)
             z = torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
-            for t in self.scheduler.timesteps:
-                v = _guided(model, z, t.to(device), cond, guidance)
-                z = self.scheduler.step(v, t, z).prev_sample
-                bar.update(1)
+            # a multistep solver keeps the previous steps' predictions: a fresh start for every window
+            scheduler.set_timesteps(steps, device=device)
+            # one autocast region per window: the bf16 copies of the weights are made once, not every step;
+            # the scheduler's elementwise arithmetic stays in z's dtype (autocast leaves it alone)
+            with autocast(amp, device):
+                if guidance != 1:  # both branches in one batch, conditional first
+                    cond = model.guidance_conditions(window, audio_tokens=audio_tokens)
+                else:
+                    cond = model.conditions(window, audio_tokens=audio_tokens)
+                for t in scheduler.timesteps:
+                    v = _guided(model, z, t.to(device), cond, guidance)
+                    z = scheduler.step(v.to(z.dtype), t, z).prev_sample
+                    bar.update(1)
             video = decode_video(self.vae, z)                     # (1, 3, F, H, W) in [-1, 1]
             frames.append(to_uint8_video(video[0].float()))
             if m:
@@ -154,6 +175,6 @@ def _guided(model: SingerModel, z: torch.Tensor, t: torch.Tensor, cond: Conditio
     ``guidance == 1`` (then ``v_cond``)."""
     if guidance == 1:
         return model.denoise(z, t.expand(z.shape[0]), cond)
-    v = model.denoise(torch.cat([z, z]), t.expand(2 * z.shape[0]), cond)
+    v = model.denoise(torch.cat([z, z]), t.expand(2 * z.shape[0]), cond).to(z.dtype)  # the guidance in z's dtype
     v_cond, v_uncond = v.chunk(2)
     return v_uncond + guidance * (v_cond - v_uncond)

@@ -70,3 +70,19 @@ def test_learning_report_aggregates_over_seeds_from_the_runs_on_disk(tmp_path):
     # identity 0.91 against ground truth 0.987 - 0.1; there is no shuffled run, so no shuffled target
     assert learning.targets(table, 0.987) == {"mouth_r >= 0.6": True, "identity >= 0.887": True}
     assert learning.targets(table, 1.2) == {"mouth_r >= 0.6": True, "identity >= 1.100": False}
+
+
+def test_learning_samples_one_trained_model_several_ways_each_in_its_own_row():
+    """`--sampling dpm_solver:5`: the same model evaluated again with that sampler and step count, into its own
+    folders (never over learning.yaml's own evaluation) and its own table row."""
+    learning = _learning_module()
+    run_dir = Path("runs") / "full-s0"
+    assert learning.label("none", None) == "none" and learning.label("none", "dpm_solver:5") == "none@dpm_solver5"
+    plain = learning.eval_overrides(run_dir, "full", 0, "none")
+    fast = learning.eval_overrides(run_dir, "full", 0, "none", "dpm_solver:5")
+    assert "evaluate.sampler=dpm_solver" in fast and "evaluate.inference_steps=5" in fast
+    assert not any(o.startswith("evaluate.sampler") for o in plain)
+    assert f"evaluate.out_dir={run_dir / 'eval-none@dpm_solver5'}" in fast
+    assert f"evaluate.out_dir={run_dir / 'eval-none'}" in plain
+    assert f"evaluate.model_dir={run_dir / 'models' / 'full'}" in fast  # the same trained model
+    assert learning.eval_json(run_dir, "full", "none@dpm_solver5") == run_dir / "metrics-none@dpm_solver5/eval.json"

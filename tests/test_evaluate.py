@@ -166,6 +166,9 @@ def test_ray_parallel_equals_serial(serial_result, tmp_path, monkeypatch):
     serial = pd.read_parquet(root / "eval" / "per_clip.parquet")
     ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths must stay short
     monkeypatch.setenv("HOME", ray_tmp)  # token auth writes ~/.ray/auth_token
+    # off in every Ray of this file: after a token-auth session, a later one in the same process lost its
+    # actors (Ray 2.60), and under another HOME its GCS could not load the token
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=ray_tmp, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "HOME": ray_tmp}})
     try:
@@ -215,17 +218,105 @@ def test_audio_controls_drive_generation_with_other_or_no_audio(eval_project):
 
 def test_single_local_clip_runs_in_process(eval_project, monkeypatch):
     """One clip and no RAY_ADDRESS: no Ray cluster is started for it (the demo's ablation scores one clip)."""
+    import singer.evaluate.fanout as fanout
     import singer.evaluate.runner as runner
 
     def no_ray(_workers):
         raise AssertionError("Ray started for a single local clip")
 
-    monkeypatch.setattr(runner, "_init_ray", no_ray)
+    monkeypatch.setattr(fanout, "_init_ray", no_ray)
     cfg = _config(["evaluate.num_workers=2", "evaluate.metrics=[ssim,psnr]"])
     clips = runner.test_clips(cfg)[:1]
-    rows = runner.run_clips(cfg, clips, progress=False)
+    stats: dict = {}
+    rows = runner.run_clips(cfg, clips, progress=False, stats=stats)
     assert [r["clip_id"] for r in rows] == [clips[0]["clip_id"]] and rows[0]["results"]["ssim"]["status"] == "ok"
+    assert stats["mode"] == "in-process" and stats["seconds"] >= stats["load_seconds"] > 0
+    assert rows[0]["worker"]["end"] >= rows[0]["worker"]["start"] and rows[0]["worker"]["cpu_seconds"] > 0
     # with RAY_ADDRESS set the clip goes to the cluster, whatever its count
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
     with pytest.raises(AssertionError, match="Ray started"):
         runner.run_clips(cfg, clips, progress=False)
+
+
+def test_numba_warm_up_thread_hands_its_error_to_join(monkeypatch):
+    """The driver's librosa warm-up runs in a thread alongside ray.init; its failure is not lost."""
+    import singer.evaluate.metrics.bas as bas
+    from singer.evaluate.fanout import _WarmUp
+
+    def broken():
+        raise RuntimeError("numba cache corrupt")
+
+    monkeypatch.setattr(bas, "warm_up", broken)
+    warm = _WarmUp(True)
+    with pytest.raises(RuntimeError, match="numba cache corrupt"):
+        warm.join()
+    _WarmUp(False).join()  # not needed: nothing runs, nothing raises
+
+
+@pytest.mark.slow
+def test_local_ray_workers_run_at_the_drivers_priority(monkeypatch):
+    """Ray's default worker niceness (15) makes local actors yield to everything else on the machine; the Ray
+    the runner starts itself runs them at the driver's priority, with the worker environment."""
+    import os
+    import shutil
+
+    import ray
+
+    from singer.evaluate.fanout import NICENESS_VAR, _init_ray
+
+    ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths must stay short
+    for var in ("RAY_ADDRESS", NICENESS_VAR):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # see test_ray_parallel_equals_serial
+    assert not ray.is_initialized()
+    try:
+        assert _init_ray(1) is True
+        assert NICENESS_VAR not in os.environ  # set for the raylet only
+
+        @ray.remote(num_cpus=1)
+        def probe():
+            return os.nice(0), os.environ.get("OMP_WAIT_POLICY")
+
+        assert ray.get(probe.remote()) == (os.nice(0), "PASSIVE")
+        assert _init_ray(1) is False  # already running: not ours to shut down
+    finally:
+        ray.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_runner_started_ray_shares_the_clips_with_the_driver(eval_project, monkeypatch):
+    """A local Ray the runner starts: the driver scores clips too (from ray.init on) and 1 actor the
+    rest; the per-clip values are those of the serial run, whichever process scored a clip."""
+    import os
+    import shutil
+
+    import ray
+
+    from singer.evaluate import runner
+    from singer.evaluate.report import per_clip_frame
+
+    cfg = _config(["evaluate.metrics=[ssim,psnr,lmd,identity]", "evaluate.max_clips=3"])
+    clips = runner.test_clips(cfg)
+    assert len(clips) >= 2
+    serial = runner.run_clips(cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(
+        update={"num_workers": 0})}), clips, progress=False)
+    ray_tmp = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths must stay short
+    monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # see test_ray_parallel_equals_serial
+    assert not ray.is_initialized()
+    stats: dict = {}
+    try:
+        rows = runner.run_clips(cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(
+            update={"num_workers": 2})}), clips, progress=False, stats=stats)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert not ray.is_initialized()  # started here, shut down here
+    assert stats["mode"] == "ray" and stats["driver_startup"]["pid"] == os.getpid()
+    assert [r["index"] for r in rows] == [c["index"] for c in clips]
+    by_driver = sum(r["worker"]["pid"] == os.getpid() for r in rows)
+    assert by_driver == stats["driver_clips"] >= 1
+    assert len(stats["startup"]) <= 1  # one actor (its start-up is not waited for when nothing is left)
+    names = list(serial[0]["results"])
+    pd.testing.assert_frame_equal(per_clip_frame(serial, names), per_clip_frame(rows, names))

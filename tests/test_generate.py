@@ -246,17 +246,20 @@ def test_a_failed_write_leaves_the_previous_video_and_no_temporary(inputs, model
 
 def test_steps_given_are_the_steps_run(inputs, model_dir, tmp_path, monkeypatch):
     """`--steps 2` runs 2 denoising steps; leaving it out runs the model's own number (not 0 or 1)."""
+    import singer.pipeline
     from singer.pipeline import SingerPipeline
 
-    seen = []
-    original = SingerPipeline.__call__
+    seen, samplers = [], []
+    original, make_sampler = SingerPipeline.__call__, singer.pipeline.make_sampler
 
     def spy(self, *args, **kwargs):
         out = original(self, *args, **kwargs)
-        seen.append(len(self.scheduler.timesteps))
+        seen.append(len(samplers[-1].timesteps))  # the sampler the call stepped with (model.sampler)
         return out
 
     monkeypatch.setattr(SingerPipeline, "__call__", spy)
+    monkeypatch.setattr(singer.pipeline, "make_sampler", lambda *a, **k: samplers.append(make_sampler(*a, **k))
+                        or samplers[-1])
     sf.write(tmp_path / "frame.wav", 0.3 * np.sin(np.arange(1280) / 5), 16000)  # 2 frames
     common = ("--image", inputs / "portrait.jpg", "--audio", tmp_path / "frame.wav")
     assert run(*common, "--output", tmp_path / "a.mp4", "--model", model_dir, steps="2").exit_code == 0

@@ -304,7 +304,9 @@ def test_guidance_matches_an_independent_computation(cfg, monkeypatch, guidance,
     from singer.models.autoencoder import decode_video
     from singer.models.scheduler import make_scheduler
 
-    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"prediction_type": prediction})})
+    # DDIM: the hand-written loop below is a DDIM loop (tests/test_compute.py checks the other samplers)
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"prediction_type": prediction,
+                                                                        "sampler": "ddim"})})
     model = with_face_features(build(cfg).eval())
     frames, steps = cfg.model.num_frames, 4
     reference, audio, face = pipeline_inputs(cfg, frames / 25)

@@ -17,8 +17,8 @@ reference frame, writing the outputs, the worker pool.
      that a face `crop.second_face_ratio` times the tracked one still measures 85 px (the tracked face
      then measures 170 px with the default ratio 0.5); all faces are counted there (a keyframe that
      finds nothing falls back to the search above, so a face that changed size is found again);
-   - the other frames are searched only in a window twice the size of the previous face box, rescaled
-     to put the face at `crop.detect_face_px` (a ~200 px image: a few ms whatever the source size);
+   - the other frames are searched only in a window 1.6 times the size of the previous face box, rescaled
+     to put the face at `crop.detect_face_px` (a ~160 px image: a few ms whatever the source size);
      when the window finds nothing, the whole frame at the keyframe scale.
    Candidates scoring below `crop.min_face_score` are ignored; the track follows the candidate that
    overlaps the previous box most. The 68 landmarks are then fitted on the full-resolution frame.
@@ -28,7 +28,9 @@ reference frame, writing the outputs, the worker pool.
    Faces smaller than about 20 px after the `detect_max_side` downscale (80 px in a 1280-wide source
    with the default 320) are not found: raise `detect_max_side` for wide shots.
    Speed (2 cores shared, 256^2 synthetic singers -> 64^2, 50-frame clips, whole stage including
-   decoding and writing): about 55-60 frames/s in one process, 85 with `crop.workers=2`.
+   decoding and writing): about 55-60 frames/s in one process, 85 with `crop.workers=2` (before 2026-12;
+   `benchmarks/preprocess.py` prints the current figure and where the time goes: `profile_seconds` in
+   metrics/crop.json).
 2. **Reject** (reasons in `rejected.jsonl`, the part before the parenthesis is the histogram key):
    `unreadable clip`, `no face`, `several faces` (a second face scoring >= `min_face_score` whose box is
    >= `second_face_ratio` of the tracked one, in more than `max_multi_face_fraction` of the keyframes:
@@ -178,10 +180,23 @@ def _text(row: dict, key: str) -> str:
     return str(value)
 
 
-def process_clip(row: dict, clips_dir: Path, out_dir: Path, cfg: Config) -> dict:
-    """Crop one clip into `out_dir/<clip_id>/`; returns its manifest row. Raises ClipRejected."""
+PROFILE_STEPS = ("decode", "detect", "landmarks", "crop+masks", "encode", "write")
+
+
+def process_clip(row: dict, clips_dir: Path, out_dir: Path, cfg: Config, profile: dict | None = None) -> dict:
+    """Crop one clip into `out_dir/<clip_id>/`; returns its manifest row. Raises ClipRejected.
+
+    `profile`, when given, accumulates the seconds spent per step (PROFILE_STEPS)."""
     cc = cfg.crop
     clip_id = str(row["clip_id"])
+    profile = {} if profile is None else profile
+    clock = [time.perf_counter()]
+
+    def lap(step: str) -> None:
+        now = time.perf_counter()
+        profile[step] = profile.get(step, 0.0) + now - clock[0]
+        clock[0] = now
+
     try:
         frames, _ = read_frames(clips_dir / str(row["video"]))
     except (MediaError, OSError) as exc:
@@ -189,7 +204,11 @@ def process_clip(row: dict, clips_dir: Path, out_dir: Path, cfg: Config) -> dict
     if len(frames) == 0:
         raise ClipRejected("unreadable clip (no decodable frames)")
     n = len(frames)
+    lap("decode")
     track = track_faces(frames, cc, max_missing=int(np.floor(cc.max_missing_fraction * n)))
+    for step, seconds in track.seconds.items():
+        profile[step] = profile.get(step, 0.0) + seconds
+    clock[0] = time.perf_counter()
     if reason := _reject_reason(track, n, cc):
         raise ClipRejected(reason, n)
     detected = track.detected
@@ -210,8 +229,10 @@ def process_clip(row: dict, clips_dir: Path, out_dir: Path, cfg: Config) -> dict
 
     folder = out_dir / clip_id
     folder.mkdir(parents=True, exist_ok=False)
+    lap("crop+masks")
     try:
         write_video(folder / "frames.mp4", crops, fps=fps, crf=cc.crf)
+        lap("encode")
         audio = _text(row, "audio")
         if audio:
             shutil.copyfile(clips_dir / audio, folder / "audio.wav")
@@ -254,6 +275,7 @@ def process_clip(row: dict, clips_dir: Path, out_dir: Path, cfg: Config) -> dict
             "mask_pixels": {k: round(float(v.sum()), 2) for k, v in masks.items()},
         }
         write_json_atomic(folder / "meta.json", meta)
+        lap("write")
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
@@ -277,15 +299,24 @@ def process_clip(row: dict, clips_dir: Path, out_dir: Path, cfg: Config) -> dict
     }
 
 
-def _safe_process(row: dict, clips_dir: Path, out_dir: Path, cfg: Config) -> tuple[dict | None, str | None, int]:
-    """process_clip that never raises: (manifest row or None, rejection reason or None, frames seen)."""
+def _safe_process(row: dict, clips_dir: Path, out_dir: Path, cfg: Config
+                  ) -> tuple[dict | None, str | None, int, dict[str, float]]:
+    """process_clip that never raises: (manifest row or None, rejection reason or None, frames seen,
+    seconds per step)."""
     clip_id = str(row.get("clip_id", ""))
+    profile: dict[str, float] = {}
+    result, reason, n = _safe_process_inner(row, clip_id, clips_dir, out_dir, cfg, profile)
+    return result, reason, n, profile
+
+
+def _safe_process_inner(row: dict, clip_id: str, clips_dir: Path, out_dir: Path, cfg: Config,
+                        profile: dict) -> tuple[dict | None, str | None, int]:
     try:
         if not clip_id or clip_id.startswith(".") or "/" in clip_id or "\\" in clip_id:
             raise ClipRejected(f"bad clip id ({clip_id!r})")
         if row.get("_duplicate"):
             raise ClipRejected(f"duplicate clip id ({clip_id!r} appears more than once in the clips manifest)")
-        result = process_clip(row, clips_dir, out_dir, cfg)
+        result = process_clip(row, clips_dir, out_dir, cfg, profile=profile)
         return result, None, result["n_frames"]
     except ClipRejected as exc:
         return None, str(exc), exc.frames
@@ -335,7 +366,7 @@ def run_crop(cfg: Config, progress: bool = True) -> dict:
         row["_duplicate"] = str(row.get("clip_id")) in seen
         seen.add(str(row.get("clip_id")))
     rejections = Rejections("crop")
-    results: dict[int, tuple[dict | None, str | None, int]] = {}
+    results: dict[int, tuple[dict | None, str | None, int, dict[str, float]]] = {}
     workers = _workers(cfg.crop, len(rows_in))
     start = time.perf_counter()
     with atomic_dir(cfg.paths.crops) as out:
@@ -354,9 +385,12 @@ def run_crop(cfg: Config, progress: bool = True) -> dict:
                 bar.update()
         bar.close()
         kept, frames = [], 0
+        profile = dict.fromkeys(PROFILE_STEPS, 0.0)
         for i, row in enumerate(rows_in):
-            result, reason, n = results[i]
+            result, reason, n, clip_profile = results[i]
             frames += n
+            for step, secs in clip_profile.items():
+                profile[step] = profile.get(step, 0.0) + secs
             if result is not None:
                 kept.append(result)
             else:
@@ -376,6 +410,8 @@ def run_crop(cfg: Config, progress: bool = True) -> dict:
             "frames_per_second": round(frames / max(seconds, 1e-9), 2),
             "workers": workers,
             "resolution": cfg.crop.resolution,
+            # seconds per step summed over clips (over processes with workers > 1: may exceed `seconds`)
+            "profile_seconds": {step: round(secs, 3) for step, secs in profile.items()},
         }
         if not kept:
             # raising inside atomic_dir discards the new output and keeps the previous one

@@ -6,9 +6,10 @@
 Flow: the test clips (`data/split/test.txt`, at most `evaluate.max_clips`) are tasks. A `ClipEvaluator`
 holds the heavy networks (the pipeline, the dlib face embedders, SyncNet and I3D when their weights are
 configured) and turns one clip into a row of metrics; with `evaluate.num_workers` = 0 (or a single clip
-and no `RAY_ADDRESS`) one evaluator runs them in-process, else a pool of that many Ray actors does
-(`ray.init()` locally, `address="auto"` when `RAY_ADDRESS` is set, or the Ray session already initialised
-by the caller). Each clip is generated with
+and no `RAY_ADDRESS`) one evaluator runs them in-process, else that many workers do, each taking the next
+clip when free: Ray actors (`address="auto"` when `RAY_ADDRESS` is set, or the Ray session already
+initialised by the caller), or, when the runner starts a local Ray itself (`ray.init()`, workers at the
+driver's priority), the driver plus `num_workers - 1` actors (see `run_clips`). Each clip is generated with
 ``torch.Generator().manual_seed(seed + clip index)`` and evaluated single-threaded in torch, so serial and
 parallel runs give the same numbers. Set-level metrics (FVD) are computed after the fan-out from the
 per-clip I3D features. `singer.evaluate.report` writes the outputs.
@@ -25,13 +26,13 @@ from typing import Any
 import numpy as np
 
 from singer.config import Config
+from singer.evaluate.fanout import WORKER_ENV, run_ray
 
 log = logging.getLogger(__name__)
 
 PER_CLIP_METRICS = ("ssim", "psnr", "cpbd", "lmd", "diversity", "bas", "identity", "mouth_correlation")
 SET_METRICS = ("fvd",)
 LSE_NAMES = ("LSE-D", "LSE-C")
-WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def metric_columns(names: list[str]) -> list[str]:
@@ -87,10 +88,13 @@ class ClipEvaluator:
     """
 
     def __init__(self, cfg: Config, project_root: str | os.PathLike | None = None, threads: int | None = 1):
+        t_start = time.perf_counter()
         import torch
 
         from singer.faces import DlibFaceEmbedder, make_face_embedder
         from singer.pipeline import SingerPipeline
+
+        t_imported = time.perf_counter()
 
         if project_root is not None and Path(project_root).is_dir():
             os.chdir(project_root)
@@ -107,6 +111,7 @@ class ClipEvaluator:
         if torch.cuda.is_available():  # the noise is drawn on the CPU generator: same numbers on any device
             self.pipe.to("cuda")
         self.pipe.set_progress_bar_config(disable=True)
+        self.pipe.set_compute(cfg.compute)  # compute.dtype / compute.compile, as in training and generation
         self.face_embedder = make_face_embedder(self.pipe.model_cfg)
         self.identity_embedder = DlibFaceEmbedder() if "identity" in self.names else None
         self.syncnet, self.syncnet_reason = None, None
@@ -127,6 +132,9 @@ class ClipEvaluator:
             except WeightsUnavailable as exc:
                 self.i3d_reason = str(exc)
         self._datasets: dict[tuple, Any] = {}
+        # where a worker's start-up goes (the benchmark's breakdown): imports, then the networks
+        self.startup = {"pid": os.getpid(), "imports_seconds": t_imported - t_start,
+                        "load_seconds": time.perf_counter() - t_imported, "ready_at": time.time()}
 
     def _read(self, clip_id: str):
         from singer.data.dataset import SingerClipDataset
@@ -149,6 +157,10 @@ class ClipEvaluator:
     def ping(self) -> bool:
         return True
 
+    def info(self) -> dict[str, Any]:
+        """{pid, imports_seconds, load_seconds, ready_at (epoch seconds)}: this evaluator's start-up."""
+        return dict(self.startup)
+
     def evaluate(self, clip: dict[str, Any], keep_frames: bool = False) -> dict[str, Any]:
         """One clip -> {index, clip_id, subject, results: {name: MetricResult dict}, curves, timings,
         i3d_real/i3d_fake (features or None), frames (ground truth, generated) when `keep_frames`}."""
@@ -163,6 +175,7 @@ class ClipEvaluator:
         if self.threads:
             torch.set_num_threads(int(self.threads))
         ec = self.cfg.evaluate
+        began, cpu_began = time.time(), time.process_time()
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         ds, frames, audio, reference, masks, mouth = self._read(clip["clip_id"])
@@ -178,7 +191,8 @@ class ClipEvaluator:
         heard = fit_length(ds.encoder_audio(clip["clip_id"]), len(audio))
         generator = torch.Generator().manual_seed(int(ec.seed) + int(clip["index"]))
         out = self.pipe(ref, self._driving_audio(clip, heard), embedding, num_inference_steps=ec.inference_steps,
-                        guidance_scale=ec.guidance_scale, generator=generator, num_frames=n, progress=False)
+                        guidance_scale=ec.guidance_scale, generator=generator, num_frames=n, progress=False,
+                        sampler=ec.sampler)
         generated = np.ascontiguousarray(out.frames[:n])
         timings["generate"] = time.perf_counter() - t0
 
@@ -234,6 +248,9 @@ class ClipEvaluator:
             "i3d_real": i3d_real,
             "i3d_fake": i3d_fake,
             "fvd_reason": self.i3d_reason,
+            # not an output: where the time went (the benchmark); cpu < wall means the process waited for a core
+            "worker": {"pid": os.getpid(), "start": began, "end": time.time(),
+                       "cpu_seconds": time.process_time() - cpu_began},
         }
         if keep_frames:
             row["frames"] = (frames, generated)
@@ -244,21 +261,6 @@ class ClipEvaluator:
 # ----------------------------------------------------------------------------------------- fan-out
 
 
-def _init_ray(num_workers: int) -> bool:
-    """Connect to Ray; True when this call started it (and must shut it down)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    runtime_env = {"env_vars": dict(WORKER_ENV)}
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address="auto", runtime_env=runtime_env, log_to_driver=False)
-    else:
-        ray.init(num_cpus=max(1, num_workers), include_dashboard=False, runtime_env=runtime_env,
-                 log_to_driver=False)
-    return True
-
-
 def _progress(total: int, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -266,54 +268,43 @@ def _progress(total: int, enabled: bool):
 
 
 def run_clips(cfg: Config, clips: list[dict], keep: set[int] | None = None, progress: bool = True,
-              threads: int | None = 1) -> list[dict]:
-    """Evaluate the clips serially (`num_workers` 0, or a single clip without `RAY_ADDRESS`) or on a pool of
-    Ray actors; rows in clip order."""
+              threads: int | None = 1, stats: dict | None = None) -> list[dict]:
+    """Evaluate the clips serially (`num_workers` 0, or a single clip without `RAY_ADDRESS`) or with Ray;
+    rows in clip order.
+
+    With Ray, `num_workers` processes evaluate at once, each loading the networks once and taking the next
+    clip when it is free. When this call starts a local Ray itself (no `RAY_ADDRESS`, no session of the
+    caller's), the driver is one of them: it would otherwise sit idle in `ray.wait`, and it starts as soon
+    as ray.init returns where an actor first waits for its process and its imports (measured on 2 shared
+    cores: 6-25 s); `num_workers - 1` actors do the rest. On a cluster, or in the caller's session, all
+    `num_workers` are actors. Every process runs torch on `threads` threads and seeds each clip by its index,
+    so the per-clip values do not depend on which process scored a clip.
+
+    `stats`, when given, receives where the time went: `mode`, `seconds`, and `load_seconds` (in-process) or
+    `ray_init_seconds`, `actors_ready_seconds`, `startup` (each actor's imports and network load),
+    `driver_startup` and `driver_clips` (the driver's share), `warm_up_seconds`, `ray_shutdown_seconds`."""
     keep = keep or set()
+    stats = {} if stats is None else stats
     workers = int(cfg.evaluate.num_workers)
     rows: list[dict] = []
     bar = _progress(len(clips), progress)
     # one clip on a local machine: starting Ray and an actor costs more than it could save (the demo's
     # ablation scores one clip per variant); on a cluster (RAY_ADDRESS) the work still goes to the workers
     in_process = workers <= 0 or not clips or (len(clips) == 1 and not os.environ.get("RAY_ADDRESS"))
+    t_call = time.perf_counter()
     try:
         if in_process:
+            stats["mode"] = "in-process"
             evaluator = ClipEvaluator(cfg, threads=threads)
+            stats["load_seconds"] = time.perf_counter() - t_call
             for clip in clips:
                 rows.append(evaluator.evaluate(clip, keep_frames=clip["index"] in keep))
                 bar.update(1)
         else:
-            import ray
-
-            if "bas" in cfg.evaluate.metrics:
-                from singer.evaluate.metrics.bas import warm_up
-
-                warm_up()  # compile librosa's numba beat tracker here, once, not in N workers at once
-            started = _init_ray(workers)
-            try:
-                actor_cls = ray.remote(num_cpus=1)(ClipEvaluator).options(
-                    runtime_env={"env_vars": dict(WORKER_ENV)})
-                pool = [actor_cls.remote(cfg, str(Path.cwd()), threads) for _ in range(min(workers, len(clips)))]
-                ray.get([a.ping.remote() for a in pool])  # load errors surface here, once
-                pending: dict[Any, Any] = {}
-                queue = list(clips)
-                free = list(pool)
-                while queue or pending:
-                    while queue and free:
-                        actor, clip = free.pop(), queue.pop(0)
-                        pending[actor.evaluate.remote(clip, clip["index"] in keep)] = actor
-                    done, _ = ray.wait(list(pending), num_returns=1)
-                    for ref in done:
-                        free.append(pending.pop(ref))
-                        rows.append(ray.get(ref))
-                        bar.update(1)
-                for a in pool:
-                    ray.kill(a)
-            finally:
-                if started:
-                    ray.shutdown()
+            rows = run_ray(ClipEvaluator, cfg, clips, keep, threads, workers, stats, bar)
     finally:
         bar.close()
+    stats["seconds"] = time.perf_counter() - t_call
     return sorted(rows, key=lambda r: r["index"])
 
 
@@ -389,4 +380,4 @@ def run_evaluate(cfg: Config, progress: bool = True) -> dict:
     return summary
 
 
-__all__ = ["ClipEvaluator", "metric_columns", "run_clips", "run_evaluate", "set_metrics", "test_clips"]
+__all__ = ["WORKER_ENV", "ClipEvaluator", "metric_columns", "run_clips", "run_evaluate", "set_metrics", "test_clips"]

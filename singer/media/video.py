@@ -12,7 +12,33 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
+import cv2
 import numpy as np
+
+
+# Colour conversion. PyAV's rgb24 <-> yuv420p (swscale through `to_ndarray` / `from_ndarray`) costs ~0.5 ms a
+# 256^2 frame each way and its yuv -> rgb is the less exact one; OpenCV's BT.601 limited-range I420 conversions
+# are ~20x faster. Measured (2026-12, 50 synthetic 256^2 frames, rgb -> yuv420p -> rgb against the rgb):
+# swscale both ways 44.6 dB; OpenCV yuv -> rgb 52.8 dB; OpenCV rgb -> yuv then H.264 round trips as well as
+# swscale (44.8 vs 44.6 dB). OpenCV's matrix is BT.601 limited range, so it is used only for frames that are
+# yuv420p with that meaning (untagged, BT.470BG or SMPTE 170M; range untagged or limited), even-sized;
+# anything else goes through swscale as before.
+_BT601_SPACES = {2, 5, 6}    # AVCOL_SPC_UNSPECIFIED, BT470BG, SMPTE170M (swscale's default matrix is BT.601)
+_LIMITED_RANGES = {0, 1}     # AVCOL_RANGE_UNSPECIFIED, MPEG
+
+
+def frame_to_rgb(frame: av.VideoFrame) -> np.ndarray:
+    """A decoded frame as (H, W, 3) uint8 RGB (OpenCV's I420 conversion where it applies, else swscale)."""
+    if (frame.format.name == "yuv420p" and frame.width % 2 == 0 and frame.height % 2 == 0
+            and frame.colorspace in _BT601_SPACES and frame.color_range in _LIMITED_RANGES):
+        return cv2.cvtColor(frame.to_ndarray(), cv2.COLOR_YUV2RGB_I420)
+    return frame.to_ndarray(format="rgb24")
+
+
+def rgb_to_frame(image: np.ndarray) -> av.VideoFrame:
+    """(H, W, 3) uint8 RGB, even-sized -> a yuv420p VideoFrame (BT.601 limited range, as swscale writes)."""
+    return av.VideoFrame.from_ndarray(cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2YUV_I420),
+                                      format="yuv420p")
 
 
 class MediaError(RuntimeError):
@@ -126,7 +152,7 @@ def read_frames(
                     continue
                 if end_s is not None and t >= end_s - 1e-6:
                     break
-                frames.append(frame.to_ndarray(format="rgb24"))
+                frames.append(frame_to_rgb(frame))
                 times.append(t)
         except av.error.FFmpegError as exc:
             raise MediaError(f"decoding failed after {len(frames)} frames ({exc})") from exc
@@ -184,7 +210,7 @@ def write_video(
                 astream.layout = "mono" if np.asarray(audio).ndim == 1 else "stereo"
                 astream.bit_rate = 160_000  # the encoder default (~69 kbps mono) audibly distorts music
             for i, image in enumerate(frames):
-                frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+                frame = rgb_to_frame(image)
                 # explicit timestamps: without them the encoder's output differs from run to run,
                 # and DVC would see every clip as changed
                 frame.pts, frame.time_base = i, 1 / rate

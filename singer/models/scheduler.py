@@ -27,8 +27,10 @@ from typing import Any
 import torch
 from diffusers import DDIMScheduler
 
-__all__ = ["add_noise", "make_scheduler", "min_snr_weights", "sample_timesteps", "training_target",
-           "velocity_target"]
+__all__ = ["SAMPLERS", "add_noise", "make_sampler", "make_scheduler", "min_snr_weights", "sample_timesteps",
+           "training_target", "velocity_target"]
+
+SAMPLERS = ("ddim", "dpm_solver", "unipc")
 
 
 def make_scheduler(model_cfg: Any, zero_snr: bool = True) -> DDIMScheduler:
@@ -49,6 +51,31 @@ def make_scheduler(model_cfg: Any, zero_snr: bool = True) -> DDIMScheduler:
         rescale_betas_zero_snr=bool(zero_snr),
         timestep_spacing="trailing" if zero_snr else "leading",
     )
+
+
+def make_sampler(scheduler: DDIMScheduler, name: str = "ddim"):
+    """The scheduler generation steps with, on `scheduler`'s noise schedule (betas, zero terminal SNR,
+    prediction type, trailing timesteps: the schedule the model was trained on).
+
+    ddim: `scheduler` itself (Hallo's sampler). dpm_solver: diffusers' ``DPMSolverMultistepScheduler``
+    (DPM-Solver++, 2nd order, a first-order last step), which reaches in 5 steps what DDIM needs 10-25 for;
+    unipc: ``UniPCMultistepScheduler`` (predictor-corrector, same order). With zero terminal SNR both clip
+    ``alphas_cumprod[-1]`` to 2**-24 (diffusers' rule): their log-SNR is finite at t = T. The first step's
+    input is pure noise of unit variance for all three (``init_noise_sigma`` is 1)."""
+    if name == "ddim":
+        return scheduler
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    c = scheduler.config
+    common = dict(num_train_timesteps=c.num_train_timesteps, beta_start=c.beta_start, beta_end=c.beta_end,
+                  beta_schedule=c.beta_schedule, prediction_type=c.prediction_type,
+                  rescale_betas_zero_snr=c.rescale_betas_zero_snr, timestep_spacing=c.timestep_spacing,
+                  steps_offset=c.steps_offset, solver_order=2, final_sigmas_type="zero")
+    if name == "dpm_solver":
+        return DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", **common)
+    if name == "unipc":
+        return UniPCMultistepScheduler(**common)
+    raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(SAMPLERS)}")
 
 
 def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -98,6 +98,7 @@ class WithEmbeddings(torch.utils.data.Dataset):
 def sample_video(model, cfg: Config, dataset: SingerClipDataset, embeddings: dict, out: Path, step: int) -> Path:
     """Generate the first `validate_frames` frames of one clip from its reference and audio; write
     ground truth | generated with the audio."""
+    from singer.compute import resolve_dtype
     from singer.media.sample_video import write_sample_video
     from singer.pipeline import SingerPipeline
 
@@ -107,6 +108,7 @@ def sample_video(model, cfg: Config, dataset: SingerClipDataset, embeddings: dic
     seconds = n / dataset.fps
     audio = audio[: int(round(seconds * dataset.sample_rate))]
     pipe = SingerPipeline.from_model(model, cfg.crop.resolution)
+    pipe.compute_dtype = resolve_dtype(cfg.compute.dtype, model.denoising_unet.device)  # compiled, if at all, by train
     ref = {"image": reference, "masks": masks}  # full/face/lip/face_region, as prepare_reference gives
     heard = dataset.encoder_audio(clip_id)[: len(audio)]  # vocals when the clip has them; the video plays the song
     was_training = model.training
@@ -166,6 +168,7 @@ def train(cfg: Config) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
 
+    from singer.compute import accelerate_mixed_precision, compile_module, dtype_name, resolve_dtype
     from singer.models.singer import SingerModel
     from singer.release import tracking
     from singer.train import check_world_size, want_cpu
@@ -174,14 +177,12 @@ def train(cfg: Config) -> dict:
 
     cfg = variant_config(cfg)
     tc = cfg.train
-    mixed = tc.mixed_precision
-    if mixed != "no" and not torch.cuda.is_available():
-        log.warning("mixed precision %s needs a GPU here; training in fp32", mixed)
-        mixed = "no"
+    # compute.dtype -> accelerate's autocast (bf16 on a CPU with bf16 matrix units too); weights and Adam stay fp32
+    amp = resolve_dtype(cfg.compute.dtype, "cpu" if want_cpu() or not torch.cuda.is_available() else "cuda")
     accelerator = Accelerator(
         cpu=want_cpu(),  # without it a 2-process CPU launch silently runs two separate trainings
         gradient_accumulation_steps=tc.gradient_accumulation,
-        mixed_precision=mixed,
+        mixed_precision=accelerate_mixed_precision(amp),
         # the sampler's shuffle is part of the saved state, so a resumed run sees the same batches
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
@@ -193,6 +194,9 @@ def train(cfg: Config) -> dict:
     n_trainable = sum(p.numel() for n, p in model.named_parameters() if n in set(trainable))
     if tc.gradient_checkpointing:
         accelerator.print(f"gradient checkpointing on {', '.join(enable_gradient_checkpointing(model))}")
+    if cfg.compute.compile:  # in place: parameter names, checkpoints and the saved model are unchanged
+        compile_module(model.denoising_unet)
+        compile_module(model.reference_unet)
     manifest = checkpoint_manifest(model, trainable)
     if getattr(model, "pretrained_report", None) is not None:
         accelerator.print(f"pretrained {cfg.model.pretrained}: {model.pretrained_report.summary()}; checkpoints "
@@ -224,7 +228,7 @@ def train(cfg: Config) -> dict:
     started = time.perf_counter()
     samples = 0
     with tracking.start_run(cfg, "train", run_id=state.get("mlflow_run_id"), run_name=cfg.train.variant,
-                            tags={"variant": tc.variant, "run_key": key},
+                            tags={"variant": tc.variant, "run_key": key, "compute_dtype": dtype_name(amp)},
                             data_paths=[cfg.paths.crops, cfg.paths.split]) as run:
         run_id = run.info.run_id if run is not None else None
         if step:
