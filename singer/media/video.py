@@ -15,7 +15,6 @@ import av
 import cv2
 import numpy as np
 
-
 # Colour conversion. PyAV's rgb24 <-> yuv420p (swscale through `to_ndarray` / `from_ndarray`) costs ~0.5 ms a
 # 256^2 frame each way and its yuv -> rgb is the less exact one; OpenCV's BT.601 limited-range I420 conversions
 # are ~20x faster. Measured (2026-12, 50 synthetic 256^2 frames, rgb -> yuv420p -> rgb against the rgb):
