@@ -7,10 +7,12 @@
 
 Mixed precision, not low precision: the weights, the optimizer state and the sampler's arithmetic stay float32;
 ``torch.autocast`` runs matmuls and convolutions in bf16 (where the hardware does them fast) and keeps
-reductions (softmax, norms, the loss) in float32. ``auto`` picks bf16 only where it pays: a CPU that reports
-bf16 matrix instructions (AMX or AVX512-BF16: measured 2.7 TFLOP/s against 0.4 fp32 on this project's 2-core
-machines, DESIGN section 6) or a CUDA device that supports bf16; float32 elsewhere, so an older CPU is never
-slowed down by emulated bf16. ``fp32`` is the exact path: the outputs are those of a run without this module.
+reductions (softmax, norms, the loss) in float32. ``auto`` picks bf16 only where it was measured to pay: a CUDA
+device that supports bf16 (training and generation), and generation on a CPU that reports bf16 matrix
+instructions (AMX or AVX512-BF16: matmuls at 1.8-2.7 TFLOP/s against 0.3-0.4 fp32 on this project's 2-core
+machines). Training on a CPU stays fp32 under ``auto``: the tiny model's step is bound by per-op overhead, and
+autocast's casts made it slower (x0.95, benchmarks/train_step.py); ``bf16`` asks for it anyway. ``fp32`` is the
+exact path: the outputs are those of a run without this module.
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ def cpu_bf16_flags() -> tuple[str, ...]:
     return ()
 
 
-def resolve_dtype(setting: str, device: str | torch.device = "cpu") -> torch.dtype:
-    """`compute.dtype` -> the autocast dtype on `device` (torch.float32: no autocast).
+def resolve_dtype(setting: str, device: str | torch.device = "cpu", training: bool = False) -> torch.dtype:
+    """`compute.dtype` -> the autocast dtype on `device` (torch.float32: no autocast); `training`: for a training
+    step (``auto`` keeps a CPU's training in fp32, module docstring).
 
     ``SINGER_COMPUTE_DTYPE`` in the environment wins over `setting` (a worker can be pinned without a new
     params.yaml). An explicit bf16/fp16 that the device cannot run falls back to float32 with a warning."""
@@ -65,6 +68,8 @@ def resolve_dtype(setting: str, device: str | torch.device = "cpu") -> torch.dty
         return torch.float16
     if setting == "fp16":
         log.warning("compute.dtype fp16 is for GPUs; computing in fp32 on the %s", kind)
+        return torch.float32
+    if setting == "auto" and training:  # measured slower on the CPU (module docstring)
         return torch.float32
     if cpu_bf16_flags():
         return torch.bfloat16

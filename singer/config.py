@@ -231,8 +231,8 @@ class EvaluateConfig(Section):
 class ComputeConfig(Section):
     """How the networks compute (singer/compute.py), in training, evaluation and generation."""
 
-    # auto: bf16 autocast where the device has bf16 matrix units (a CPU with AMX / AVX512-BF16, a bf16 GPU),
-    # fp32 elsewhere; fp32: the exact path. Weights and optimizer state stay fp32 either way.
+    # auto: bf16 autocast where it pays (a bf16 GPU; generation on a CPU with AMX / AVX512-BF16; CPU training
+    # stays fp32), fp32 elsewhere; fp32: the exact path. Weights and optimizer state stay fp32 either way.
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False                     # torch.compile (inductor) the UNets; the first call compiles
 

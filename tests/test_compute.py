@@ -36,6 +36,14 @@ def test_compute_dtype_resolves_by_what_the_cpu_has(monkeypatch, flags, setting,
     assert compute.resolve_dtype(setting, "cpu") == expected
 
 
+def test_auto_trains_in_fp32_on_a_cpu_where_bf16_did_not_pay(monkeypatch):
+    monkeypatch.delenv("SINGER_COMPUTE_DTYPE", raising=False)
+    monkeypatch.setattr(compute, "cpu_bf16_flags", lambda: ("amx_bf16",))
+    assert compute.resolve_dtype("auto", "cpu", training=True) == torch.float32
+    assert compute.resolve_dtype("bf16", "cpu", training=True) == torch.bfloat16   # asked for: honoured
+    assert compute.resolve_dtype("auto", "cpu", training=False) == torch.bfloat16
+
+
 def test_compute_dtype_env_override_and_bad_values(monkeypatch):
     monkeypatch.setattr(compute, "cpu_bf16_flags", lambda: ("amx_bf16",))
     monkeypatch.setenv("SINGER_COMPUTE_DTYPE", "fp32")

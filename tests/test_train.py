@@ -108,7 +108,7 @@ def test_training_logs_params_checkpoints_samples_and_the_model(project_copy):
     from singer.compute import dtype_name, resolve_dtype
 
     assert run.data.params["compute.dtype"] == cfg.compute.dtype and run.data.params["compute.compile"] == "False"
-    assert tags["compute_dtype"] == dtype_name(resolve_dtype(cfg.compute.dtype, "cpu"))
+    assert tags["compute_dtype"] == dtype_name(resolve_dtype(cfg.compute.dtype, "cpu", training=True))
     assert tags["data_hash"] == data_hash([cfg.paths.crops, cfg.paths.split])  # this data, hashed now
     assert tags["data_hash"] != data_hash([project_copy / "no-crops", project_copy / "no-split"])
     # the metrics' latest values are the last step's

@@ -177,8 +177,10 @@ def train(cfg: Config) -> dict:
 
     cfg = variant_config(cfg)
     tc = cfg.train
-    # compute.dtype -> accelerate's autocast (bf16 on a CPU with bf16 matrix units too); weights and Adam stay fp32
-    amp = resolve_dtype(cfg.compute.dtype, "cpu" if want_cpu() or not torch.cuda.is_available() else "cuda")
+    # compute.dtype -> accelerate's autocast (auto: bf16 on a bf16 GPU; fp32 on a CPU, where it did not pay for
+    # training: singer/compute.py); weights and Adam stay fp32
+    amp = resolve_dtype(cfg.compute.dtype, "cpu" if want_cpu() or not torch.cuda.is_available() else "cuda",
+                        training=True)
     accelerator = Accelerator(
         cpu=want_cpu(),  # without it a 2-process CPU launch silently runs two separate trainings
         gradient_accumulation_steps=tc.gradient_accumulation,
