@@ -19,7 +19,6 @@ Output (`paths.clips`, swapped in atomically):
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import cv2
@@ -28,7 +27,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from singer.config import Config
-from singer.data.common import Rejections, StageError, Timer, write_stats
+from singer.data.common import Rejections, StageError, StepTimer, Timer, write_stats
 from singer.io import atomic_dir, write_json_atomic, write_parquet_atomic
 from singer.media import MediaError, read_audio, read_frames, write_video, write_wav
 from singer.media.audio import read_wav, resample_audio
@@ -118,12 +117,7 @@ def clip_video(row: pd.Series, root: Path, out: Path, cfg: Config, rejections: R
     `profile`, when given, accumulates the seconds spent per step (PROFILE_STEPS)."""
     c = cfg.clip
     profile = {} if profile is None else profile
-    clock = [time.perf_counter()]
-
-    def lap(step: str) -> None:
-        now = time.perf_counter()
-        profile[step] = profile.get(step, 0.0) + now - clock[0]
-        clock[0] = now
+    lap = StepTimer(profile)
 
     frames, times = read_frames(root / row["file"])
     if len(frames) == 0:

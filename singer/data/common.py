@@ -50,6 +50,20 @@ class Timer:
         self.seconds = time.perf_counter() - self.start
 
 
+class StepTimer:
+    """``lap(step)`` adds the seconds since the previous lap (or since construction) to ``profile[step]``: where
+    one item's time goes, summed over the items of a stage (``metrics/<stage>.json`` ``profile_seconds``)."""
+
+    def __init__(self, profile: dict[str, float]):
+        self.profile = profile
+        self.last = time.perf_counter()
+
+    def __call__(self, step: str) -> None:
+        now = time.perf_counter()
+        self.profile[step] = self.profile.get(step, 0.0) + now - self.last
+        self.last = now
+
+
 def write_stats(metrics_dir: Path, stage: str, stats: dict) -> Path:
     """`metrics/<stage>.json`, declared as DVC metrics (`dvc metrics show`)."""
     return write_json_atomic(Path(metrics_dir) / f"{stage}.json", stats)

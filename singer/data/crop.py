@@ -106,7 +106,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from singer.config import Config, CropConfig
-from singer.data.common import Rejections, StageError, write_stats
+from singer.data.common import Rejections, StageError, StepTimer, write_stats
 from singer.faces import (
     Track,
     crop_frame,
@@ -190,12 +190,7 @@ def process_clip(row: dict, clips_dir: Path, out_dir: Path, cfg: Config, profile
     cc = cfg.crop
     clip_id = str(row["clip_id"])
     profile = {} if profile is None else profile
-    clock = [time.perf_counter()]
-
-    def lap(step: str) -> None:
-        now = time.perf_counter()
-        profile[step] = profile.get(step, 0.0) + now - clock[0]
-        clock[0] = now
+    lap = StepTimer(profile)
 
     try:
         frames, _ = read_frames(clips_dir / str(row["video"]))
@@ -208,7 +203,7 @@ def process_clip(row: dict, clips_dir: Path, out_dir: Path, cfg: Config, profile
     track = track_faces(frames, cc, max_missing=int(np.floor(cc.max_missing_fraction * n)))
     for step, seconds in track.seconds.items():
         profile[step] = profile.get(step, 0.0) + seconds
-    clock[0] = time.perf_counter()
+    lap.last = time.perf_counter()  # tracking's time is booked by its own steps (detect, landmarks) above
     if reason := _reject_reason(track, n, cc):
         raise ClipRejected(reason, n)
     detected = track.detected
