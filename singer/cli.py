@@ -293,21 +293,21 @@ def generate(
 
     from singer.generate import GenerateError, generate_video
 
-    config = None
+    overrides = list(set_ or []) + ([f"model.pretrained={pretrained}"] if pretrained else [])
     try:  # compute.dtype / compute.compile come from params.yaml (and -S) like every other setting
-        compute = _load(params, preset, list(set_ or [])).compute
-        if pretrained is not None or set_ and any(o.strip().startswith("model.pretrained=") for o in set_):
-            config = _load(params, preset, list(set_ or []) + ([f"model.pretrained={pretrained}"] if pretrained
-                                                               else []))
+        cfg = _load(params, preset, overrides)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         _fail(f"generate: {exc}")
+    # asked for released weights (--pretrained or -S model.pretrained=...): the model is built from the parameters
+    asked = pretrained is not None or any(o.strip().startswith("model.pretrained=") for o in set_ or [])
+    config = cfg if asked else None
 
     def warn(message: str) -> None:
         console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
     try:
         info = generate_video(image, audio, output, model, steps=steps, guidance=guidance, seed=seed,
-                              progress=progress, warn=warn, vocals=vocals, config=config, compute=compute,
+                              progress=progress, warn=warn, vocals=vocals, config=config, compute=cfg.compute,
                               sampler=sampler)
     except GenerateError as exc:
         _fail(str(exc))

@@ -45,8 +45,12 @@ def first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def check_settings(steps: int | None, guidance: float | None) -> None:
+def check_settings(steps: int | None, guidance: float | None, sampler: str | None = None) -> None:
     """`None` means the model's own value; anything given must make sense (0 steps is not 'the default')."""
+    from singer.models.scheduler import SAMPLERS
+
+    if sampler is not None and sampler not in SAMPLERS:
+        raise GenerateError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     if steps is not None and int(steps) < 1:
         raise GenerateError(f"--steps must be at least 1, got {steps} (leave it out for the model's default)")
     if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
@@ -194,11 +198,7 @@ def generate_video(image: Path, audio: Path, output: Path, model: str = "models/
     from singer.faces import InputError, load_image, make_face_embedder, prepare_reference
 
     image, audio, output = Path(image), Path(audio), Path(output)
-    from singer.models.scheduler import SAMPLERS
-
-    check_settings(steps, guidance)
-    if sampler is not None and sampler not in SAMPLERS:
-        raise GenerateError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    check_settings(steps, guidance, sampler)
     check_writable(output)
     try:
         portrait = load_image(image)

@@ -98,7 +98,6 @@ class WithEmbeddings(torch.utils.data.Dataset):
 def sample_video(model, cfg: Config, dataset: SingerClipDataset, embeddings: dict, out: Path, step: int) -> Path:
     """Generate the first `validate_frames` frames of one clip from its reference and audio; write
     ground truth | generated with the audio."""
-    from singer.compute import resolve_dtype
     from singer.media.sample_video import write_sample_video
     from singer.pipeline import SingerPipeline
 
@@ -107,8 +106,7 @@ def sample_video(model, cfg: Config, dataset: SingerClipDataset, embeddings: dic
     n = min(cfg.train.validate_frames, len(frames))
     seconds = n / dataset.fps
     audio = audio[: int(round(seconds * dataset.sample_rate))]
-    pipe = SingerPipeline.from_model(model, cfg.crop.resolution)
-    pipe.compute_dtype = resolve_dtype(cfg.compute.dtype, model.denoising_unet.device)  # compiled, if at all, by train
+    pipe = SingerPipeline.from_model(model, cfg.crop.resolution).set_compute(cfg.compute)  # as generation runs
     ref = {"image": reference, "masks": masks}  # full/face/lip/face_region, as prepare_reference gives
     heard = dataset.encoder_audio(clip_id)[: len(audio)]  # vocals when the clip has them; the video plays the song
     was_training = model.training
