@@ -75,6 +75,7 @@ class CropConfig(Section):
     resolution: int = Field(64, ge=16)
     scale: float = Field(0.8, gt=0, le=1.0)
     detect_max_side: int = 320
+    min_face_px: int = Field(80, ge=20)       # the smallest face (source pixels) a photo or first frame is searched for
     min_face_score: float = 0.3
     second_face_ratio: float = 0.5
     max_missing_fraction: float = Field(0.2, ge=0, le=1)
@@ -237,6 +238,28 @@ class ComputeConfig(Section):
     compile: bool = False                     # torch.compile (inductor) the UNets; the first call compiles
 
 
+class GenerateConfig(Section):
+    """`singer generate`, `singer app` and the served model: a user's photo and song -> a video.
+
+    The face is found with `crop`'s detector settings (crop.min_face_px is the smallest face looked for)."""
+
+    paste_back: bool = True                   # the generated face pasted back into the whole photo
+    max_side: int | None = Field(None, ge=64)  # long side of the output video; None: the photo's own
+    feather: float = Field(0.1, gt=0, le=0.5)  # width of the paste-back mask's soft edge, fraction of the crop
+    loudness_lufs: float | None = -23.0       # ITU-R BS.1770 loudness the audio encoder hears; None: as given
+    # vocals the audio encoder hears (as Hallo separates them): none | hpss | repet_sim (librosa, offline) |
+    # model (separator_model: an audio-separator / demucs model file on disk, loaded only when set)
+    separation: Literal["none", "hpss", "repet_sim", "model"] = "repet_sim"
+    separator_model: str | None = None
+    max_seconds: float = Field(900.0, gt=0)   # the longest song accepted
+
+
+class ServeConfig(Section):
+    """The MLflow pyfunc behind `mlflow models serve`."""
+
+    max_seconds: float = Field(60.0, gt=0)    # longer songs are refused with a 400
+
+
 class ReleaseConfig(Section):
     """`singer release`: the challenger becomes champion only if every gate passes against the champion."""
 
@@ -284,6 +307,8 @@ class Config(Section):
     s3: S3Config = S3Config()
     model: ModelConfig = ModelConfig()
     compute: ComputeConfig = ComputeConfig()
+    generate: GenerateConfig = GenerateConfig()
+    serve: ServeConfig = ServeConfig()
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
