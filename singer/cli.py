@@ -269,8 +269,8 @@ def release(params: Path = ParamsOpt) -> None:
 
 @app.command()
 def generate(
-    image: Path = typer.Option(..., help="portrait (jpg/png/...) with exactly one face"),
-    audio: Path = typer.Option(..., help="song: wav, mp3, flac, mp4, ... any rate and channel count"),
+    image: Path = typer.Option(..., help="photo with exactly one face: jpg/png/webp/..., any size"),
+    audio: Path = typer.Option(..., help="song: mp3, m4a, flac, ogg/opus, wav, mp4, ... any rate and channels"),
     output: Path = typer.Option(..., help="the video to write (.mp4)"),
     vocals: Path | None = typer.Option(None, help="the song's separated vocals: the model hears them (as Hallo), "
                                                   "the video plays --audio"),
@@ -280,6 +280,14 @@ def generate(
     sampler: str | None = typer.Option(None, help="ddim | dpm_solver | unipc (default: the model's)"),
     seed: int = typer.Option(0, help="random seed"),
     progress: bool = typer.Option(True, help="show a progress bar"),
+    paste_back: bool | None = typer.Option(None, "--paste-back/--no-paste-back",
+                                           help="the face pasted back into the whole photo (default: "
+                                                "generate.paste_back), or the model's face crop alone"),
+    max_side: int | None = typer.Option(None, help="long side of the video in pixels (default: the photo's)"),
+    separation: str | None = typer.Option(None, help="vocals the model hears: repet_sim | hpss | none | model "
+                                          "(default: generate.separation; --vocals wins)"),
+    separator_model: Path | None = typer.Option(None, help="a vocal separation model file (with "
+                                                "--separation model)"),
     pretrained: Path | None = typer.Option(None, help="instead of --model: build the model of --preset/-S on these "
                                            "released weights (Hallo's pretrained_models/ or `singer convert`'s "
                                            "output), MSM and SFM fresh"),
@@ -294,6 +302,12 @@ def generate(
     from singer.generate import GenerateError, generate_video
 
     overrides = list(set_ or []) + ([f"model.pretrained={pretrained}"] if pretrained else [])
+    # the flags are params.yaml's generate: settings, given for one run
+    flags = {"paste_back": paste_back, "max_side": max_side, "separation": separation,
+             "separator_model": None if separator_model is None else str(separator_model)}
+    overrides += [f"generate.{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
+    if separator_model is not None and separation is None:
+        overrides.append("generate.separation=model")
     try:  # compute.dtype / compute.compile come from params.yaml (and -S) like every other setting
         cfg = _load(params, preset, overrides)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
@@ -308,14 +322,16 @@ def generate(
     try:
         info = generate_video(image, audio, output, model, steps=steps, guidance=guidance, seed=seed,
                               progress=progress, warn=warn, vocals=vocals, config=config, compute=cfg.compute,
-                              sampler=sampler)
+                              sampler=sampler, settings=cfg.generate, crop=cfg.crop)
     except GenerateError as exc:
         _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail(f"interrupted: nothing was written to {output}")
     if info.get("pretrained"):
         console.print(f"pretrained {escape(str(info['model']))}: {info['pretrained']}", highlight=False,
                       soft_wrap=True)
-    console.print(f"[green]generate[/]: wrote {escape(str(output))} ({info['frames']} frames, "
-                  f"{info['seconds']:.1f} s)", highlight=False, soft_wrap=True)
+    console.print(f"[green]generate[/]: wrote {escape(str(output))} ({info['width']}x{info['height']}, "
+                  f"{info['frames']} frames, {info['seconds']:.1f} s)", highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -75,7 +75,7 @@ class CropConfig(Section):
     resolution: int = Field(64, ge=16)
     scale: float = Field(0.8, gt=0, le=1.0)
     detect_max_side: int = 320
-    min_face_px: int = Field(80, ge=20)       # the smallest face (source pixels) a photo or first frame is searched for
+    min_face_px: int = Field(48, ge=20)       # the smallest face (dlib box side, source px) a photo or first frame is searched for
     min_face_score: float = 0.3
     second_face_ratio: float = 0.5
     max_missing_fraction: float = Field(0.2, ge=0, le=1)

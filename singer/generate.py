@@ -1,19 +1,29 @@
-"""`singer generate`: a portrait and a song -> an mp4 of that person singing it, audio muxed in.
+"""`singer generate`: a portrait and a song -> an mp4 of that person singing it, the song as its sound track.
 
-    singer generate --image portrait.jpg --audio song.mp3 --output out.mp4 [--vocals vocals.wav]
+    singer generate --image photo.jpg --audio song.mp3 --output out.mp4 [--vocals vocals.wav]
                     [--model models/full | --model models:/singer@champion] [--steps 25] [--guidance 3.5] [--seed 0]
+                    [--max-side 1280] [--no-paste-back] [--separation repet_sim|hpss|none|model] [--separator-model F]
     singer generate ... --pretrained pretrained_models --preset paper     # Hallo's weights + fresh MSM/SFM, untrained
 
-With ``--vocals`` (the song's separated vocals, e.g. from a source separator) the audio encoder hears the vocals,
-as Hallo's does (it separates them first: ``hallo/datasets/audio_processor.py:91-103``) and as training does when
-a clip has ``vocals.wav``; the video's sound track is still ``--audio``, and its length sets the video's.
+The way people use it (params.yaml `generate:`):
+- **Any photo**: any size and aspect ratio, greyscale, alpha, EXIF-rotated, WebP. The face is found wherever it
+  is, down to `crop.min_face_px`, with the crop stage's detector settings, cropped as in training, generated,
+  and pasted back into the photo (`singer.faces.paste.PasteBack`: a feathered mask, colours matched at the
+  seam), so the video has the photo's size (or `--max-side`). `--no-paste-back` gives the model's crop.
+- **Any song**: whatever PyAV decodes (mp3, m4a/AAC, flac, ogg/opus, wav; any channels and rate). The video
+  carries the song as it was (its channels, its rate: `singer.media.writer`); the audio encoder hears 16 kHz
+  mono vocals (`--vocals`, else separated from the song: `generate.separation`, as Hallo separates them,
+  ``hallo/datasets/audio_processor.py``) at one loudness (`generate.loudness_lufs`, ITU-R BS.1770), so a quiet
+  master and a loud one drive the mouth alike.
+- **Long songs**: frames are pasted and encoded as each window finishes (`SingerPipeline.windows`), so memory
+  does not grow with the song (README "Long songs"); the progress bar counts windows, with an ETA.
 
-Every problem a user can cause (missing or unreadable files, audio shorter than a frame, no face or several
-faces, an output path that is a folder or in no folder, a model folder that is not one or is damaged, a
-registry that cannot be reached or has no such model, steps below 1 or a negative guidance) ends in a
-`GenerateError` with a one-line message that says what is wrong and what to do; the CLI prints it. The
-video is written to a temporary name beside the output and renamed into place, so a failed run leaves
-nothing half-written there.
+Every problem a user can cause (missing or unreadable files, audio shorter than a frame or longer than
+`generate.max_seconds`, no face or several faces, an output path that is a folder or in no folder, a model
+folder that is not one or is damaged, a registry that cannot be reached or has no such model, steps below 1 or
+a negative guidance) ends in a `GenerateError` with a one-line message that says what is wrong and what to do;
+the CLI prints it. The video is written to a temporary name beside the output and renamed into place when
+it is whole, so a failed or interrupted (Ctrl-C) run leaves nothing half-written there.
 """
 
 from __future__ import annotations
@@ -72,21 +82,47 @@ def check_writable(output: Path) -> None:
             from exc
 
 
-def load_song(path: Path) -> tuple[np.ndarray, np.ndarray, int]:
-    """-> (16 kHz mono for the model, mono at the file's own rate for the output, that rate)."""
-    from singer.media import MediaError, read_audio
+def load_song(path: Path, max_seconds: float | None = None) -> np.ndarray:
+    """The song at 16 kHz mono, for the model (the video's sound track is read from the file again, as it is)."""
+    from singer.media import MediaError, audio_seconds, read_audio
 
     if not path.exists():
         raise GenerateError(f"audio file {path} does not exist")
     try:
+        # the container's own duration first: a two-hour file is refused before it is decoded
+        declared = audio_seconds(path)
+        if max_seconds is not None and declared is not None and declared > max_seconds + 1:
+            raise GenerateError(too_long(path, declared, max_seconds))
         model_audio, _ = read_audio(path, sample_rate=SAMPLE_RATE, mono=True)
-        native, rate = read_audio(path, sample_rate=None, mono=True)
     except MediaError as exc:
         raise GenerateError(f"cannot read audio from {path}: {exc}") from exc
     if len(model_audio) < SAMPLE_RATE // FPS:
         raise GenerateError(f"audio in {path} is {1000 * len(model_audio) / SAMPLE_RATE:.0f} ms long, shorter than "
                             f"one video frame ({1000 // FPS} ms); give a longer song")
-    return model_audio, native, rate
+    if max_seconds is not None and len(model_audio) / SAMPLE_RATE > max_seconds:
+        raise GenerateError(too_long(path, len(model_audio) / SAMPLE_RATE, max_seconds))
+    return model_audio
+
+
+def too_long(path: Path, seconds: float, max_seconds: float) -> str:
+    return (f"audio in {path} is {seconds:.1f} s long; at most {max_seconds:g} s are accepted "
+            f"(generate.max_seconds): cut the song or raise the limit")
+
+
+def heard_audio(song: np.ndarray, settings, vocals: np.ndarray | None = None) -> np.ndarray:
+    """What the audio encoder hears: (S,) 16 kHz mono. The vocals (given, else separated from the song by
+    `settings.separation`), at `settings.loudness_lufs` (BS.1770) when set."""
+    from singer.media import SeparationError, normalize_loudness, separate_vocals
+
+    if vocals is None and settings.separation != "none":
+        try:
+            vocals = separate_vocals(song, SAMPLE_RATE, settings.separation, settings.separator_model)
+        except SeparationError as exc:
+            raise GenerateError(str(exc)) from exc
+    heard = song if vocals is None else vocals
+    if settings.loudness_lufs is not None:
+        heard = normalize_loudness(heard, SAMPLE_RATE, float(settings.loudness_lufs))
+    return np.asarray(heard, np.float32)
 
 
 def load_vocals(path: Path, samples: int, warn: Callable[[str], None] = print) -> np.ndarray:
@@ -191,28 +227,40 @@ def build_pipeline(cfg):
 def generate_video(image: Path, audio: Path, output: Path, model: str = "models/full", steps: int | None = None,
                    guidance: float | None = None, seed: int = 0, progress: bool = True,
                    warn: Callable[[str], None] = print, vocals: Path | None = None, config=None, compute=None,
-                   sampler: str | None = None) -> dict:
-    """Write `output`; the audio encoder hears `vocals` (16 kHz, fitted to the song) when given, else the song.
-    With `config` (a Config whose model.pretrained is set) the model is built from it instead of loading `model`.
-    compute: a `ComputeConfig` (None: fp32, eager); sampler: ddim | dpm_solver | unipc (None: the model's)."""
-    from singer.faces import InputError, load_image, make_face_embedder, prepare_reference
+                   sampler: str | None = None, settings=None, crop=None,
+                   callback: Callable[[int, int], None] | None = None) -> dict:
+    """Write `output`: the photo `image` singing the song `audio`, at the photo's size (see the module docstring).
 
+    model: a local folder or `models:/name@alias`; with `config` (a Config whose model.pretrained is set) the
+    model is built from it instead. vocals: the song's vocals (16 kHz, fitted to the song) for the audio
+    encoder, instead of separating them. compute: a `ComputeConfig` (None: fp32, eager); sampler: ddim |
+    dpm_solver | unipc (None: the model's); settings: a `GenerateConfig` (None: its defaults); crop: the
+    `CropConfig` whose detector settings find the face (None: its defaults); callback(done, total) after every
+    denoising step, over all windows (an exception it raises stops generation, and nothing is written)."""
+    from singer.config import CropConfig, GenerateConfig
+    from singer.faces import InputError, load_image, make_face_embedder, prepare_reference
+    from singer.faces.paste import PasteBack
+
+    settings = settings or GenerateConfig()
+    crop = crop or CropConfig()
     image, audio, output = Path(image), Path(audio), Path(output)
     check_settings(steps, guidance, sampler)
     check_writable(output)
     try:
-        portrait = load_image(image)
+        photo = load_image(image)
     except InputError as exc:
         raise GenerateError(str(exc)) from exc
-    song, native, rate = load_song(audio)
-    heard = song if vocals is None else load_vocals(Path(vocals), len(song), warn)
+    song = load_song(audio, settings.max_seconds)
+    given = None if vocals is None else load_vocals(Path(vocals), len(song), warn)
+    heard = heard_audio(song, settings, given)
     if float(np.max(np.abs(heard))) < 1e-4:
         warn(f"the {'audio' if vocals is None else 'vocals track'} is silent: the mouth will stay closed")
     folder = resolve_model(model) if config is None else Path(config.model.pretrained)
 
     import torch
 
-    from singer.media import write_video
+    from singer.media import MediaError
+    from singer.media.writer import VideoWriter
 
     if not progress:
         from diffusers.utils import logging as diffusers_logging
@@ -225,23 +273,34 @@ def generate_video(image: Path, audio: Path, output: Path, model: str = "models/
     if steps is not None and steps > most:
         raise GenerateError(f"--steps must be at most {most} (the model's training timesteps), got {steps}")
     try:
-        reference = prepare_reference(portrait, pipe.resolution)
+        reference = prepare_reference(photo, pipe.resolution, crop=crop, what=str(image))
         embedding = make_face_embedder(pipe.model_cfg).embed(reference["image"], reference["landmarks"])
     except InputError as exc:
-        raise GenerateError(f"{image}: {exc}") from exc
+        raise GenerateError(str(exc) if str(image) in str(exc) else f"{image}: {exc}") from exc
+    paste = PasteBack(photo, reference, settings.feather, settings.max_side) if settings.paste_back else None
+    size = paste.size if paste is not None else (pipe.resolution, pipe.resolution)
     minutes = len(song) / SAMPLE_RATE / 60
     if minutes > 1:
         warn(f"{minutes:.1f} minutes of audio: generating in windows of {pipe.model_cfg.num_frames} frames")
     started = time.perf_counter()
-    result = pipe(reference, heard, embedding, num_inference_steps=steps, guidance_scale=guidance,
-                  generator=torch.Generator().manual_seed(seed), progress=progress, sampler=sampler)
-    seconds = len(result.frames) / result.fps
+    windows = pipe.windows(reference, heard, embedding, num_inference_steps=steps, guidance_scale=guidance,
+                           generator=torch.Generator().manual_seed(seed), progress=progress, sampler=sampler,
+                           callback=callback)
     try:
-        # write_video encodes into a temporary name beside `output` and renames it into place
-        write_video(output, result.frames, fps=result.fps, audio=native[: int(round(seconds * rate))],
-                    sample_rate=rate)
+        # encoded into a temporary name beside `output` as each window finishes, renamed into place at the end;
+        # any exception (Ctrl-C too) deletes the temporary file
+        with VideoWriter(output, pipe.fps, size, audio=audio) as out:
+            for frames in windows:
+                out.write(frames if paste is None else np.stack([paste(frame) for frame in frames]))
+    except MediaError as exc:
+        raise GenerateError(f"cannot write {output} with the sound of {audio}: {exc}") from exc
     except OSError as exc:
         raise GenerateError(f"cannot write {output}: {exc.strerror or exc}") from exc
-    return {"frames": len(result.frames), "seconds": seconds, "compute_seconds": time.perf_counter() - started,
+    finally:
+        windows.close()
+    return {"frames": out.frames, "seconds": out.seconds, "compute_seconds": time.perf_counter() - started,
             "model": str(folder), "output": os.fspath(output), "compute_dtype": str(pipe.compute_dtype),
+            "width": size[0], "height": size[1], "paste_back": paste is not None,
+            "separation": "given" if vocals is not None else settings.separation,
+            "loudness_lufs": settings.loudness_lufs,
             "pretrained": loaded.summary() if loaded is not None else None}

@@ -18,6 +18,7 @@ fp32); ``sampler="dpm_solver"`` (or ``model.sampler``) samples with DPM-Solver++
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,14 +102,32 @@ class SingerPipeline(DiffusionPipeline):
     def fps(self) -> float:
         return float(self.config.settings.get("fps", 25.0))
 
-    @torch.no_grad()
     def __call__(self, reference: dict, audio: np.ndarray, face_embedding: np.ndarray,
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  generator: torch.Generator | None = None, num_frames: int | None = None,
                  progress: bool = True, sampler: str | None = None) -> SingerPipelineOutput:
-        """reference: `prepare_reference` output (image (H,W,3) uint8 at `resolution`, masks full/face/lip + face_region);
-        audio: (S,) float 16 kHz mono; face_embedding: (E,) identity embedding of the reference.
-        sampler: ddim | dpm_solver | unipc (None: the model's, ``model.sampler``)."""
+        """The whole video at once: ``windows`` (same arguments), its frames concatenated: (T, H, W, 3) uint8."""
+        frames = list(self.windows(reference, audio, face_embedding, num_inference_steps, guidance_scale,
+                                   generator, num_frames, progress, sampler))
+        return SingerPipelineOutput(frames=np.concatenate(frames), fps=self.fps)
+
+    def num_output_frames(self, audio_samples: int) -> int:
+        """Frames of video for `audio_samples` of 16 kHz audio: round(seconds * fps), at least 1."""
+        return max(1, int(round(audio_samples / 16000 * self.fps)))
+
+    @torch.no_grad()
+    def windows(self, reference: dict, audio: np.ndarray, face_embedding: np.ndarray,
+                num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                generator: torch.Generator | None = None, num_frames: int | None = None,
+                progress: bool = True, sampler: str | None = None,
+                callback: Callable[[int, int], None] | None = None) -> Iterator[np.ndarray]:
+        """Yield the video window by window, (F, H, W, 3) uint8 each (the last one cut to the video's end), so a
+        caller can encode a long song as it goes instead of holding every frame.
+
+        reference: `prepare_reference` output (image (H,W,3) uint8 at `resolution`, masks full/face/lip +
+        face_region); audio: (S,) float 16 kHz mono; face_embedding: (E,) identity embedding of the reference.
+        sampler: ddim | dpm_solver | unipc (None: the model's, ``model.sampler``). callback(done, total) runs
+        after every denoising step, counted over all windows; an exception it raises stops generation."""
         cfg = self.model_cfg
         model = self.to_model()
         steps = cfg.inference_steps if num_inference_steps is None else int(num_inference_steps)
@@ -117,17 +136,17 @@ class SingerPipeline(DiffusionPipeline):
         guidance = cfg.guidance_scale if guidance_scale is None else guidance_scale
         device = self.denoising_unet.device
         dtype = self.denoising_unet.dtype
-        total = num_frames or max(1, int(round(len(audio) / 16000 * self.fps)))
+        total = num_frames or self.num_output_frames(len(audio))
         f, m = cfg.num_frames, cfg.motion_frames
         n_windows = int(np.ceil(total / f))
 
         wave = torch.as_tensor(np.asarray(audio, np.float32), device=device)[None]
-        # whole-song wav2vec2 pass, one hidden state per output frame; padded to whole windows
+        # whole-song wav2vec2 pass (as Hallo; the encoder bounds its own memory on long songs), one hidden state
+        # per output frame: (1, T, L, H). Each window takes its frames +- the audio window from it, clamped to
+        # the song (the edge padding of `window_frames`; frames past the end repeat the last one), so the
+        # windowed features, 2w+1 times the hidden states, are never held for the whole song.
         hidden = self.audio_encoder.hidden_states(wave, num_frames=total, fps=self.fps)
-        if n_windows * f > total:
-            pad = hidden[:, -1:].expand(-1, n_windows * f - total, -1, -1)
-            hidden = torch.cat([hidden, pad], dim=1)
-        features = self.audio_encoder.window(hidden)            # (1, T', 2w+1, L, H)
+        w = int(self.audio_encoder.config.window)
 
         image = to_tensor_video(reference["image"][None])[:, 0][None].to(device, dtype)   # (1, 3, H, W)
         ref_masks = reference["masks"]
@@ -142,31 +161,37 @@ class SingerPipeline(DiffusionPipeline):
 
         scheduler = make_sampler(self.scheduler, sampler or cfg.sampler)
         amp = self.compute_dtype
-        frames = []
-        bar = tqdm(total=n_windows * steps, desc="generate", unit="step", disable=not progress)
-        for k in range(n_windows):
-            audio_tokens = self.audio_encoder.project(features[:, k * f:(k + 1) * f])
-            window = {**batch, "motion": motion}
-            z = torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
-            # a multistep solver keeps the previous steps' predictions: a fresh start for every window
-            scheduler.set_timesteps(steps, device=device)
-            # one autocast region per window: the bf16 copies of the weights are made once, not every step;
-            # the scheduler's elementwise arithmetic stays in z's dtype (autocast leaves it alone)
-            with autocast(amp, device):
-                if guidance != 1:  # both branches in one batch, conditional first
-                    cond = model.guidance_conditions(window, audio_tokens=audio_tokens)
-                else:
-                    cond = model.conditions(window, audio_tokens=audio_tokens)
-                for t in scheduler.timesteps:
-                    v = _guided(model, z, t.to(device), cond, guidance)
-                    z = scheduler.step(v.to(z.dtype), t, z).prev_sample
-                    bar.update(1)
-            video = decode_video(self.vae, z)                     # (1, 3, F, H, W) in [-1, 1]
-            frames.append(to_uint8_video(video[0].float()))
-            if m:
-                motion = video[:, :, -m:].to(dtype)
-        bar.close()
-        return SingerPipelineOutput(frames=np.concatenate(frames)[:total], fps=self.fps)
+        done, work = 0, n_windows * steps
+        bar = tqdm(total=n_windows, desc="generate", unit="window", disable=not progress)
+        try:
+            for k in range(n_windows):
+                rows = torch.arange(k * f, (k + 1) * f, device=hidden.device)
+                idx = (rows[:, None] + torch.arange(-w, w + 1, device=hidden.device)).clamp_(0, total - 1)
+                audio_tokens = self.audio_encoder.project(hidden[:, idx])  # (1, F, 2w+1, L, H) -> tokens
+                window = {**batch, "motion": motion}
+                z = torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
+                # a multistep solver keeps the previous steps' predictions: a fresh start for every window
+                scheduler.set_timesteps(steps, device=device)
+                # one autocast region per window: the bf16 copies of the weights are made once, not every step;
+                # the scheduler's elementwise arithmetic stays in z's dtype (autocast leaves it alone)
+                with autocast(amp, device):
+                    if guidance != 1:  # both branches in one batch, conditional first
+                        cond = model.guidance_conditions(window, audio_tokens=audio_tokens)
+                    else:
+                        cond = model.conditions(window, audio_tokens=audio_tokens)
+                    for t in scheduler.timesteps:
+                        v = _guided(model, z, t.to(device), cond, guidance)
+                        z = scheduler.step(v.to(z.dtype), t, z).prev_sample
+                        done += 1
+                        if callback is not None:
+                            callback(done, work)
+                video = decode_video(self.vae, z)                     # (1, 3, F, H, W) in [-1, 1]
+                if m:
+                    motion = video[:, :, -m:].to(dtype)
+                bar.update(1)
+                yield to_uint8_video(video[0].float())[: total - k * f]
+        finally:
+            bar.close()
 
 
 def _guided(model: SingerModel, z: torch.Tensor, t: torch.Tensor, cond: Conditions, guidance: float) -> torch.Tensor:

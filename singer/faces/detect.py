@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 from pathlib import Path
 
 import cv2
@@ -103,6 +104,31 @@ def detect_region(frame: np.ndarray, x0: int, y0: int, x1: int, y1: int, scale: 
                x0 + (bx1 + 0.5) / sx - 0.5, y0 + (by1 + 0.5) / sy - 0.5)
         out.append((box, float(score)))
     return out
+
+
+def search_faces(image: np.ndarray, detect_max_side: int = 320, min_face_px: int = 80,
+                 min_score: float = 0.3) -> list[tuple[Box, float]]:
+    """A whole image searched coarse to fine, without a prior; the first level with a face answers.
+
+    The first level is the image with its long side at `detect_max_side` (fast, finds the big faces); each
+    next one doubles the scale, up to the one at which a face of `min_face_px` source pixels measures HOG's
+    85-px window (x1.06 for 80 px: a phone photo's small face is searched at full resolution), and at least
+    to x4 of the first level (dlib's own upsampling, x2 then x4, for small images, as before). Boxes in
+    source pixels, best first; candidates below `min_score` are dropped."""
+    h, w = image.shape[:2]
+    first = min(1.0, detect_max_side / max(h, w))
+    finest = max(HOG_MIN_FACE / max(min_face_px, 1), 4 * first)
+    scale = first
+    while True:
+        doublings = math.log2(scale) if scale > 1 else 0.0
+        if doublings and doublings == round(doublings):   # x2, x4 of the full image: dlib's upsampling
+            found = detect_region(image, 0, 0, w, h, 1.0, int(doublings))
+        else:
+            found = detect_region(image, 0, 0, w, h, scale, 0)
+        faces = [f for f in found if f[1] >= min_score]
+        if faces or scale >= finest:
+            return faces
+        scale = min(2 * scale, finest)
 
 
 def detect_scaled(image: np.ndarray, scale: float, upsample: int = 0) -> list[tuple[Box, float]]:

@@ -7,11 +7,14 @@
     ref["masks"]      "full", "face", "lip": (64, 64) float32 in [0, 1] (soft; Hallo's background / face
                       minus lip / lip), "face_region": (64, 64) uint8 {0, 1} (the hard face box)
     ref["crop_box"]   (x0, y0, x1, y1) of the crop in source pixels; ref["score"] the detector's score
+    ref["crop_centre"] (2,) and ref["crop_side"]: the crop square in source pixels; ref["source_size"] (W, H)
+                      (what ``singer.faces.paste.PasteBack`` needs to put a generated crop back)
 
-Detection (``find_face``), the crop stage's rules on one frame:
-* HOG on the image downscaled so its long side is at most ``detect_max_side`` (320), upsampling x1 then x2 only
-  when nothing is found (HOG's window is 80 px); candidates scoring below ``min_face_score`` (0.3) are ignored
-  (with upsampling HOG reports weak false faces, e.g. 0.12 on the astronaut's flag).
+Detection (``find_face``), the crop stage's rules and settings (a ``CropConfig``) on one frame:
+* HOG coarse to fine (``singer.faces.detect.search_faces``): the image with its long side at ``detect_max_side``
+  (320), then twice the scale, and so on, until a face of ``min_face_px`` (80) source pixels would measure HOG's
+  85-px window; the first level with a face answers. Candidates scoring below ``min_face_score`` (0.3) are
+  ignored (with upsampling HOG reports weak false faces, e.g. 0.12 on the astronaut's flag).
 * Faces are counted a second time on the whole image rescaled so that the found face measures 170 px (a face
   half its size is then still above HOG's window). Another candidate scoring >= ``min_face_score`` whose box is at
   least ``second_face_ratio`` (0.5) of the main one's size, and which does not overlap it, is a second face:
@@ -38,7 +41,7 @@ import numpy as np
 
 from singer.config import CropConfig
 from singer.faces.crop import crop_frame, crop_geometry, to_crop
-from singer.faces.detect import HOG_MIN_FACE, Box, box_side, detect_scaled, iou
+from singer.faces.detect import HOG_MIN_FACE, Box, box_side, detect_scaled, iou, search_faces
 from singer.faces.landmarks import landmarks68
 from singer.faces.masks import INFERENCE_FACE_EXPAND, INFERENCE_LIP_EXPAND, make_masks
 
@@ -53,9 +56,7 @@ __all__ = [
     "prepare_reference",
 ]
 
-MIN_FACE_SCORE = 0.3      # = CropConfig.min_face_score
-SECOND_FACE_RATIO = 0.5   # = CropConfig.second_face_ratio
-DETECT_MAX_SIDE = 320     # = CropConfig.detect_max_side
+MAX_PIXELS = 50_000_000   # a larger photo is refused (Pillow's decompression-bomb guard sits at 89 M)
 MAX_COUNT_SIDE = 1280     # long-side cap of the rescaled image used to count faces
 SAME_FACE_IOU = 0.3       # candidates overlapping the main face this much are the same face
 
@@ -85,7 +86,11 @@ class FaceDetection:
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file as uint8 RGB (H, W, 3), honouring EXIF orientation. Raises ``InputError``."""
+    """Read an image file as uint8 RGB (H, W, 3), upright as it is displayed (EXIF orientation applied).
+
+    Any mode Pillow reads: greyscale (also 16-bit), palette, CMYK; transparency (RGBA, LA, a palette's) is
+    composited over white, as a viewer shows it. Raises ``InputError`` (one line) for a missing, empty or
+    unreadable file and for a photo over 50 megapixels."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
@@ -93,11 +98,25 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
         raise InputError(f"image file not found: {path}")
     if not path.is_file():
         raise InputError(f"not a file: {path}")
+    if path.stat().st_size == 0:
+        raise InputError(f"cannot read {path} as an image (the file is empty)")
     try:
         with Image.open(path) as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise InputError(f"{path} is {img.width}x{img.height} pixels; at most {MAX_PIXELS // 1_000_000} "
+                                 f"megapixels are accepted: downscale it first")
             img = ImageOps.exif_transpose(img)
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):   # 16-bit greyscale: to 8 bits, not clipped
+                img = Image.fromarray((np.asarray(img, np.float64) / max(1, np.asarray(img).max()) * 255)
+                                      .round().astype(np.uint8))
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                rgba = img.convert("RGBA")
+                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                img = Image.alpha_composite(white, rgba)
             return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except InputError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(f"cannot read {path} as an image ({reason})") from exc
 
@@ -120,27 +139,19 @@ def as_rgb_uint8(image: np.ndarray, what: str = "the image") -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-def find_face(
-    image_rgb: np.ndarray,
-    what: str = "the image",
-    min_face_score: float = MIN_FACE_SCORE,
-    second_face_ratio: float = SECOND_FACE_RATIO,
-    detect_max_side: int = DETECT_MAX_SIDE,
-) -> FaceDetection:
-    """The one face of an image and its 68 landmarks. Raises ``NoFaceError`` / ``ManyFacesError``.
+def find_face(image_rgb: np.ndarray, what: str = "the image", crop: CropConfig | None = None) -> FaceDetection:
+    """The one face of an image and its 68 landmarks, with the crop stage's detector settings (`crop`; None:
+    the defaults). Raises ``NoFaceError`` / ``ManyFacesError``.
 
     dlib is not thread-safe: call this from one thread per process.
     """
+    cc = crop or CropConfig()
+    min_face_score, second_face_ratio = cc.min_face_score, cc.second_face_ratio
     image = as_rgb_uint8(image_rgb, what)
     h, w = image.shape[:2]
-    scale = min(1.0, detect_max_side / max(h, w))
-    faces: list[tuple[Box, float]] = []
-    for upsample in (0, 1, 2):
-        faces = [f for f in detect_scaled(image, scale, upsample) if f[1] >= min_face_score]
-        if faces:
-            break
+    faces = search_faces(image, cc.detect_max_side, cc.min_face_px, min_face_score)
     if not faces:
-        raise NoFaceError(f"no face found in {what}")
+        raise NoFaceError(f"no face found in {what} (faces from {cc.min_face_px} px across are looked for)")
     box, score = faces[0]
     side = box_side(box)
     # Count faces where a face `second_face_ratio` times this one still measures HOG_MIN_FACE pixels.
@@ -163,17 +174,21 @@ def find_face(
 def prepare_reference(
     image: np.ndarray | str | os.PathLike,
     resolution: int,
-    scale: float = 0.8,
+    scale: float | None = None,
     what: str | None = None,
+    crop: CropConfig | None = None,
 ) -> dict:
-    """Crop a portrait as the crop stage does: see the module docstring for the returned dict."""
+    """Crop a portrait as the crop stage does (`crop`'s detector settings and scale; `scale` overrides the
+    latter): see the module docstring for the returned dict."""
     if isinstance(image, (str, os.PathLike)):
         what = what or str(image)
         image = load_image(image)
     what = what or "the image"
     image = as_rgb_uint8(image, what)
-    det = find_face(image, what)
-    cc = CropConfig(resolution=int(resolution), scale=float(scale))
+    base = crop or CropConfig()
+    det = find_face(image, what, base)
+    cc = base.model_copy(update={"resolution": int(resolution),
+                                 "scale": float(base.scale if scale is None else scale)})
     lm_src = det.landmarks.astype(np.float64)[None]  # (1, 68, 2)
     geo = crop_geometry(lm_src, np.ones(1, dtype=bool), cc)
     crop = crop_frame(image, geo.centres[0], geo.side, cc.resolution)
@@ -184,6 +199,9 @@ def prepare_reference(
         "landmarks": landmarks[0],
         "masks": masks,
         "crop_box": tuple(float(v) for v in geo.boxes()[0]),
+        "crop_centre": np.asarray(geo.centres[0], np.float64),
+        "crop_side": float(geo.side),
+        "source_size": (int(image.shape[1]), int(image.shape[0])),
         "score": det.score,
         "source_landmarks": det.landmarks,
     }

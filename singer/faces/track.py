@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from singer.config import CropConfig
-from singer.faces.detect import HOG_MIN_FACE, Box, box_side, detect_region, iou
+from singer.faces.detect import HOG_MIN_FACE, Box, box_side, detect_region, iou, search_faces
 from singer.faces.landmarks import landmarks68
 
 ROI_FACTOR = 1.6  # tracking window side, x the previous face box side (2.0 until 2026-12: 1.5x slower, same faces)
@@ -21,14 +21,8 @@ MAX_DETECT_SIDE = 1280  # cap on the long side of a rescaled whole-frame detecti
 
 
 def _search(frame: np.ndarray, cc: CropConfig) -> list[tuple[Box, float]]:
-    """Whole-frame search without a prior: long side at detect_max_side, upsampling x1, x2 if needed."""
-    h, w = frame.shape[:2]
-    scale = min(1.0, cc.detect_max_side / max(h, w))
-    for upsample in (0, 1, 2):
-        faces = [f for f in detect_region(frame, 0, 0, w, h, scale, upsample) if f[1] >= cc.min_face_score]
-        if faces:
-            return faces
-    return []
+    """Whole-frame search without a prior, coarse to fine (`search_faces`, the one portraits get too)."""
+    return search_faces(frame, cc.detect_max_side, cc.min_face_px, cc.min_face_score)
 
 
 def _whole_at_face_scale(frame: np.ndarray, face_side: float, cc: CropConfig) -> list[tuple[Box, float]]:

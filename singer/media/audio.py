@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -48,6 +49,31 @@ def read_audio(
     end = None if end_s is None else int(round(end_s * rate))
     audio = audio[:, begin:end]
     return (audio[0] if mono else audio), rate
+
+
+def audio_seconds(source: str | os.PathLike | bytes) -> float:
+    """The first audio stream's duration without decoding it: the container's header, else the stream's, else
+    the sum of its packets' durations. `source` is a path or a file's bytes. Raises MediaError."""
+    if isinstance(source, (bytes, bytearray)):
+        try:
+            container = av.open(io.BytesIO(bytes(source)), mode="r")
+        except (av.error.FFmpegError, OSError, ValueError, EOFError) as exc:
+            raise MediaError(f"not a readable media file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") \
+                from exc
+    else:
+        container = _open(source)
+    with container:
+        if not container.streams.audio:
+            raise MediaError("no audio stream")
+        stream = container.streams.audio[0]
+        if container.duration:
+            return float(container.duration) / av.time_base
+        if stream.duration and stream.time_base:
+            return float(stream.duration * stream.time_base)
+        try:
+            return sum(float(p.duration * p.time_base) for p in container.demux(stream) if p.duration and p.time_base)
+        except av.error.FFmpegError as exc:
+            raise MediaError(f"audio stream unreadable ({exc})") from exc
 
 
 def resample_audio(audio: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
