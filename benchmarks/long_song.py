@@ -6,7 +6,7 @@ Each length runs in a fresh process (`generate_video`, the code `singer generate
 its peak RSS (`ru_maxrss`) is that length's alone: a photo of `--photo-side` pixels (the astronaut in a larger
 canvas, so paste-back works at that size), a stereo 44.1 kHz song (a tone with a syllable envelope over
 chords) of that length, an untrained tiny model (memory and speed do not depend on what the weights learned),
-the default settings (paste-back, REPET-SIM separation, loudness), bf16 where the CPU has it. `--steps 1`
+the default settings (paste-back, HPSS vocal separation, loudness), bf16 where the CPU has it. `--steps 1`
 keeps 3 minutes of video affordable here: the memory of a window does not depend on the steps, its time does;
 the seconds per video second at the model's own steps are measured on the shortest song (`--full-steps-seconds`).
 

@@ -284,7 +284,7 @@ def generate(
                                            help="the face pasted back into the whole photo (default: "
                                                 "generate.paste_back), or the model's face crop alone"),
     max_side: int | None = typer.Option(None, help="long side of the video in pixels (default: the photo's)"),
-    separation: str | None = typer.Option(None, help="vocals the model hears: repet_sim | hpss | none | model "
+    separation: str | None = typer.Option(None, help="vocals the model hears: hpss | repet_sim | none | model "
                                           "(default: generate.separation; --vocals wins)"),
     separator_model: Path | None = typer.Option(None, help="a vocal separation model file (with "
                                                 "--separation model)"),

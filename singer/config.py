@@ -249,7 +249,7 @@ class GenerateConfig(Section):
     loudness_lufs: float | None = -23.0       # ITU-R BS.1770 loudness the audio encoder hears; None: as given
     # vocals the audio encoder hears (as Hallo separates them): none | hpss | repet_sim (librosa, offline) |
     # model (separator_model: an audio-separator / demucs model file on disk, loaded only when set)
-    separation: Literal["none", "hpss", "repet_sim", "model"] = "repet_sim"
+    separation: Literal["none", "hpss", "repet_sim", "model"] = "hpss"
     separator_model: str | None = None
     max_seconds: float = Field(900.0, gt=0)   # the longest song accepted
 

@@ -12,7 +12,7 @@ The way people use it (params.yaml `generate:`):
   seam), so the video has the photo's size (or `--max-side`). `--no-paste-back` gives the model's crop.
 - **Any song**: whatever PyAV decodes (mp3, m4a/AAC, flac, ogg/opus, wav; any channels and rate). The video
   carries the song as it was (its channels, its rate: `singer.media.writer`); the audio encoder hears 16 kHz
-  mono vocals (`--vocals`, else separated from the song: `generate.separation`, as Hallo separates them,
+  mono vocals (`--vocals`, else separated from the song: `generate.separation`, HPSS by default, as Hallo separates them,
   ``hallo/datasets/audio_processor.py``) at one loudness (`generate.loudness_lufs`, ITU-R BS.1770), so a quiet
   master and a loud one drive the mouth alike.
 - **Long songs**: frames are pasted and encoded as each window finishes (`SingerPipeline.windows`), so memory

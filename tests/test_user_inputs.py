@@ -13,7 +13,7 @@ from factories import song, song_file
 from PIL import Image
 from skimage import data
 from skimage.transform import resize
-from test_generate import assert_one_line_error, model_dir, run  # noqa: F401 (model_dir: a fixture)
+from test_generate import assert_one_line_error, run
 
 from singer.media import probe, read_audio
 from singer.media.writer import aac_rate

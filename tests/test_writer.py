@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from factories import song, song_file
-from test_generate import model_dir  # noqa: F401 (a fixture)
 
 from singer.media import probe, read_audio
 from singer.media.writer import AAC_RATES, VideoWriter, aac_layout, aac_rate

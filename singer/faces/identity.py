@@ -39,6 +39,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from singer.config import CropConfig
 from singer.faces.detect import model_dir
 from singer.faces.landmarks import landmarks68 as fit_landmarks68
 from singer.faces.portrait import FaceDetection, as_rgb_uint8, find_face
@@ -98,6 +99,11 @@ def _dlib_recognizer():
     return dlib.face_recognition_model_v1(str(model_dir() / "dlib_face_recognition_resnet_model_v1.dat"))
 
 
+def _detector(min_face_score: float, second_face_ratio: float) -> CropConfig:
+    """The crop stage's detector settings with an embedder's own score and second-face thresholds."""
+    return CropConfig(min_face_score=min_face_score, second_face_ratio=second_face_ratio)
+
+
 class DlibFaceEmbedder:
     """dlib's 128-d face descriptor (offline). ``embed(image_rgb uint8 (H, W, 3)) -> (128,) float32``."""
 
@@ -112,7 +118,7 @@ class DlibFaceEmbedder:
         self.second_face_ratio = float(second_face_ratio)
 
     def detect(self, image_rgb: np.ndarray, what: str = "the image") -> FaceDetection:
-        return find_face(image_rgb, what, self.min_face_score, self.second_face_ratio)
+        return find_face(image_rgb, what, _detector(self.min_face_score, self.second_face_ratio))
 
     def embed(self, image_rgb: np.ndarray, landmarks: np.ndarray | None = None, what: str = "the image") -> np.ndarray:
         """The descriptor of the one face in the image (or of the face at the given (68, 2) landmarks)."""
@@ -216,7 +222,7 @@ class InsightFaceEmbedder:
     def embed(self, image_rgb: np.ndarray, landmarks: np.ndarray | None = None, what: str = "the image") -> np.ndarray:
         image = as_rgb_uint8(image_rgb, what)
         if landmarks is None:
-            landmarks = find_face(image, what, self.min_face_score, self.second_face_ratio).landmarks
+            landmarks = find_face(image, what, _detector(self.min_face_score, self.second_face_ratio)).landmarks
         return self.embed_chip(self.align(image, landmarks))
 
 

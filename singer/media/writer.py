@@ -19,6 +19,7 @@ x264 runs with the same options as `write_video` (one thread, no mbtree: the sam
 
 from __future__ import annotations
 
+import contextlib
 import os
 from fractions import Fraction
 from pathlib import Path
@@ -193,10 +194,8 @@ class VideoWriter:
         try:
             container = getattr(self, "_container", None)
             if container is not None:
-                try:
+                with contextlib.suppress(Exception):  # a half-written file may not close cleanly; it goes anyway
                     container.close()
-                except Exception:  # a half-written file may not close cleanly; it is deleted anyway
-                    pass
             self._song_close()
         finally:
             self.tmp.unlink(missing_ok=True)
