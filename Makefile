@@ -28,7 +28,7 @@ PYTEST_ARGS ?= -n 2
 # this machine's pip config names index folders that do not exist; pip warns about each package
 PIP_NOISE := ^WARNING: Location .* is ignored
 
-.PHONY: install lock test test-fast demo lint bench clean-data s3-up s3-down
+.PHONY: install browser lock test test-fast demo lint bench clean-data s3-up s3-down
 
 install: $(STAMP)
 
@@ -78,7 +78,12 @@ lock:
 	@$(PY) tools/lockfile.py diff $(VENV)/$(LOCK).before $(LOCK)
 	@echo "$(LOCK) written. Run make test on these versions before committing it."
 
-test: install
+# the web page's test drives Debian's headless chromium (Playwright's own browser download is not reachable)
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q --no-install-recommends chromium >/dev/null; } \
+		|| { echo "error: the browser test (tests/test_app.py) needs Debian's chromium: apt-get install chromium"; exit 1; }
+
+test: install browser
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test-fast: install

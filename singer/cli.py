@@ -412,6 +412,22 @@ def s3_status(data_dir: Path = typer.Option(Path(".s3"), help="the server's data
         raise typer.Exit(code=3)
 
 
+@app.command("app")
+def web_app(
+    params: Path = ParamsOpt,
+    host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface)"),
+    port: int = typer.Option(7860, help="port"),
+    model: str | None = typer.Option(None, help="the model the page starts with: a folder or models:/<name>@<alias>"),
+) -> None:
+    """The web page: upload a photo and a song (or record one), get the video (Gradio)."""
+    from singer.app import serve
+
+    try:
+        serve(params, host, port, model)
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        _fail(f"app: {exc}")
+
+
 def main() -> None:  # python -m singer.cli
     app()
 
