@@ -80,7 +80,8 @@ lock:
 
 # the web page's test drives Debian's headless chromium (Playwright's own browser download is not reachable)
 browser:
-	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -q --no-install-recommends chromium >/dev/null; } \
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && { apt-get install -y -q --no-install-recommends chromium >/dev/null \
+		|| { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium >/dev/null; }; }; } \
 		|| { echo "error: the browser test (tests/test_app.py) needs Debian's chromium: apt-get install chromium"; exit 1; }
 
 test: install browser
