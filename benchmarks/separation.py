@@ -46,14 +46,8 @@ def synth_stems(subject: int, seconds: float, music_level: float, seed: int = 0,
     rng = np.random.default_rng([seed, subject, 0, 2])
     n = round(seconds * rate)
     song = sa.compose_song(rng, n / rate, voice)
-    sung = sa.render_voice(song, voice, rate, n, rng)
-    music = sa.render_music(song, rate, n, rng)
-    vocals = sung["audio"]
-    voice_rms = float(np.sqrt(np.mean(vocals[sung["voiced"]] ** 2))) if sung["voiced"].any() else 1.0
-    music = music * (music_level * voice_rms / (float(np.sqrt(np.mean(music**2))) + 1e-12))
-    mix = vocals + music
-    gain = PEAK / (float(np.abs(mix).max()) + 1e-12)
-    return (mix * gain).astype(np.float32), (vocals * gain).astype(np.float32)
+    mix, vocals, _ = sa.mix_take(song, voice, rate, n, rng, music_level, PEAK)
+    return mix, vocals
 
 
 def sdr(estimate: np.ndarray, reference: np.ndarray) -> float:

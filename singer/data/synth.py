@@ -85,14 +85,7 @@ def synthesize_take(
     times = np.arange(n_frames) / fps
 
     song = sa.compose_song(rng, duration, voice)
-    sung = sa.render_voice(song, voice, sample_rate, n_samples, rng)
-    music = sa.render_music(song, sample_rate, n_samples, rng)
-    vocals = sung["audio"]
-    voice_rms = float(np.sqrt(np.mean(vocals[sung["voiced"]] ** 2))) if sung["voiced"].any() else 1.0
-    music = music * (music_level * voice_rms / (float(np.sqrt(np.mean(music**2))) + 1e-12))
-    mix = vocals + music
-    gain = PEAK / (float(np.abs(mix).max()) + 1e-12)
-    mix, vocals = (mix * gain).astype(np.float32), (vocals * gain).astype(np.float32)
+    mix, vocals, sung = sa.mix_take(song, voice, sample_rate, n_samples, rng, music_level, PEAK)
 
     target = sa.mouth_track(sung, sample_rate, times, fps)
     pose = head_pose(rng, times, song)

@@ -379,6 +379,20 @@ def render_music(song: Song, sr: int, n: int, rng: np.random.Generator) -> np.nd
 # ----------------------------------------------------------------------------------------------- mouth
 
 
+def mix_take(song: Song, voice: Voice, sr: int, n: int, rng: np.random.Generator, music_level: float,
+             peak: float) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The sung voice over the music: (mix, vocals) (n,) float32, scaled together so the mix peaks at `peak`,
+    with the music at `music_level` x the voice's RMS over its voiced samples; and render_voice's dict."""
+    sung = render_voice(song, voice, sr, n, rng)
+    music = render_music(song, sr, n, rng)
+    vocals = sung["audio"]
+    voice_rms = float(np.sqrt(np.mean(vocals[sung["voiced"]] ** 2))) if sung["voiced"].any() else 1.0
+    music = music * (music_level * voice_rms / (float(np.sqrt(np.mean(music**2))) + 1e-12))
+    mix = vocals + music
+    gain = peak / (float(np.abs(mix).max()) + 1e-12)
+    return (mix * gain).astype(np.float32), (vocals * gain).astype(np.float32), sung
+
+
 def mouth_track(voice_out: dict, sr: int, frame_times: np.ndarray, fps: float) -> np.ndarray:
     """Target mouth opening per video frame: vowel openness x the vocal amplitude envelope, averaged over
     the frame's duration (a smoothed envelope). Silence -> 0 (closed)."""
