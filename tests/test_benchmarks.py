@@ -28,7 +28,11 @@ def test_gpu_benchmark_code_path_on_cpu(tmp_path):
     result = json.loads(out.read_text())
     assert result["dry_run"] and result["pretrained"].endswith("0 missing, 0 skipped")
     assert result["train_step_seconds"] > 0 and result["train_step_flops"] > 0
-    assert 0 < result["flop_utilisation"] < 1 and result["generation_seconds_per_frame"] > 0
+    # Utilisation against the bf16 matmul is bounded by 1 on a GPU only: on a CPU a 1024^2 matmul is no ceiling
+    # (the dry run's oneDNN convolutions measured 1.26 of it on an AMD EPYC without AMX, under load)
+    peak = result["bf16_matmul_peak_tflops"] * 1e12
+    assert result["flop_utilisation"] == pytest.approx(result["train_step_flops"] / result["train_step_seconds"] / peak)
+    assert result["flop_utilisation"] > 0 and result["generation_seconds_per_frame"] > 0
     assert result["gradient_checkpointing"] == ["denoising_unet"] and result["guidance_scale"] != 1
 
 

@@ -132,7 +132,9 @@ def test_separation_brings_the_estimate_closer_to_the_true_vocals(corpus, method
 @pytest.mark.parametrize("method", ["none", "hpss", "repet_sim"])
 def test_length_rate_channels_silence_and_short_input(method):
     rng = np.random.default_rng(0)
-    for rate, n in ((RATE, RATE * 2 + 7), (22050, 22050 + 1), (RATE, 1600), (RATE, 100), (RATE, 0)):
+    for rate, n in ((RATE, RATE * 2 + 7), (22050, 22050 + 1), (RATE, 1600), (RATE, 100), (RATE, 0),
+                    # 2 to 8 frames of the longest window, where median filters have least to work on
+                    (RATE, 2560), (RATE, 4000), (RATE, 6000), (RATE, 9000), (48000, 7680), (44100, 14000)):
         x = (0.1 * rng.standard_normal(n)).astype(np.float32)
         out = separate_vocals(x, rate, method)
         assert out.shape == (n,) and out.dtype == np.float32 and np.isfinite(out).all()

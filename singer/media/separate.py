@@ -58,12 +58,16 @@ def _hpss(y: np.ndarray, rate: int) -> np.ndarray:
     import librosa
 
     n1, n2 = _n_fft(_HPSS_LONG_S, rate), _n_fft(_HPSS_SHORT_S, rate)
+    length = len(y)
+    # scipy's reflecting median filter returns NaN on an axis of fewer than ~5 frames (a clip under ~0.6 s):
+    # such a clip is padded with silence to 2 long windows (9 frames) and cut back after
+    y = np.pad(y, (0, max(0, 2 * n1 - length)))
     spec = librosa.stft(y, n_fft=n1, hop_length=n1 // 4)
     _, percussive = librosa.decompose.hpss(spec)
     stage1 = librosa.istft(percussive * _low_cut(n1, rate), n_fft=n1, hop_length=n1 // 4, length=len(y))
     spec = librosa.stft(stage1, n_fft=n2, hop_length=n2 // 4)
     harmonic, _ = librosa.decompose.hpss(spec)
-    return librosa.istft(harmonic, n_fft=n2, hop_length=n2 // 4, length=len(y))
+    return librosa.istft(harmonic, n_fft=n2, hop_length=n2 // 4, length=len(y))[:length]
 
 
 def _repet_sim(y: np.ndarray, rate: int) -> np.ndarray:
