@@ -52,6 +52,7 @@ from flows.common import (
 )
 from flows.faults import retry_if_transient
 from flows.overrides import apply_overrides, parse_set_options
+from singer.urls import LOCAL_UI, mlflow_ui
 
 RUNNING_STAGE = re.compile(r"Running stage '([^']+)'")
 RESTORED_STAGE = re.compile(r"Stage '([^']+)' is cached - skipping run")  # DVC's run cache had the outputs
@@ -270,16 +271,69 @@ def tracking_uri(root: Path) -> str:
     return uri
 
 
+def _tracking_get(uri: str, endpoint: str, timeout: float = 5.0, **query: str) -> dict[str, Any]:
+    """GET one tracking-API object: over REST with a short timeout on a server (the MLflow client would retry
+    for minutes when it is down), through MlflowClient on a local store."""
+    if uri.startswith(("http://", "https://")):
+        url = f"{uri.rstrip('/')}/api/2.0/mlflow/{endpoint}?{urllib.parse.urlencode(query)}"
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return json.load(response)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    if endpoint == "runs/get":
+        run = client.get_run(query["run_id"])
+        return {"run": {"info": {"experiment_id": run.info.experiment_id, "run_name": run.info.run_name},
+                        "data": {"tags": [{"key": k, "value": v} for k, v in run.data.tags.items()]}}}
+    mv = client.get_model_version(query["name"], query["version"])
+    return {"model_version": {"run_id": mv.run_id, "source": mv.source}}
+
+
 def mlflow_run_url(uri: str, run_id: str, timeout: float = 5.0) -> str:
-    """The MLflow UI page of a run on an http(s) tracking server (experiment looked up over REST)."""
-    base = uri.rstrip("/")
-    query = urllib.parse.urlencode({"run_id": run_id})
+    """The MLflow UI page of a run (its experiment looked up through the tracking API)."""
+    base, _ = mlflow_ui(uri)
     try:
-        with urllib.request.urlopen(f"{base}/api/2.0/mlflow/runs/get?{query}", timeout=timeout) as response:
-            experiment = json.load(response)["run"]["info"]["experiment_id"]
+        experiment = _tracking_get(uri, "runs/get", timeout, run_id=run_id)["run"]["info"]["experiment_id"]
         return f"{base}/#/experiments/{experiment}/runs/{run_id}"
     except Exception:  # server unreachable or auth in front of it: the run-only route redirects in the UI
         return f"{base}/#/runs/{run_id}"
+
+
+def mlflow_links(uri: str, run_id: str | None = None, model: str | None = None,
+                 version: str | None = None) -> list[tuple[str, str]]:
+    """(text, URL) of the MLflow UI pages a flow run made: the registered version, the run that made it (else
+    `run_id`) and the logged model it is. Looked up through the tracking API; what cannot be is left out."""
+    base, _ = mlflow_ui(uri)
+    links: list[tuple[str, str]] = []
+    model_id = None
+    try:
+        if model and version:
+            links.append((f"registered model {model} version {version}", f"{base}/#/models/{model}/versions/{version}"))
+            mv = _tracking_get(uri, "model-versions/get", name=model, version=str(version))["model_version"]
+            run_id = mv.get("run_id") or run_id
+            if str(mv.get("source", "")).startswith("models:/m-"):
+                model_id = str(mv["source"]).split("/", 1)[1]
+        if run_id:
+            run = _tracking_get(uri, "runs/get", run_id=run_id)["run"]
+            experiment = run["info"]["experiment_id"]
+            stage = {t["key"]: t["value"] for t in run.get("data", {}).get("tags", [])}.get("stage", "source")
+            links.append((f"{stage} run {run['info'].get('run_name', '')} ({run_id})",
+                          f"{base}/#/experiments/{experiment}/runs/{run_id}"))
+            if model_id:
+                links.append((f"logged model {model_id}", f"{base}/#/experiments/{experiment}/models/{model_id}"))
+    except Exception:  # noqa: BLE001 - a link is a convenience; the flow's result does not depend on it
+        pass
+    return links
+
+
+def links_markdown(uri: str, links: list[tuple[str, str]]) -> str:
+    """Markdown list of `links`, with the command that serves the UI when the store has no server."""
+    _, command = mlflow_ui(uri)
+    body = "".join(f"- [{text}]({url})\n" for text, url in links)
+    if command:
+        body += (f"\nThe tracking store is `{uri}` (no web server): these links open once the UI runs:\n\n"
+                 f"```bash\n{command}\n```\n")
+    return body
 
 
 def publish_mlflow_link(root: Path, run_id: str | None) -> bool:
@@ -291,13 +345,9 @@ def publish_mlflow_link(root: Path, run_id: str | None) -> bool:
         create_link_artifact(mlflow_run_url(uri, run_id), link_text=f"MLflow training run {run_id}", key=key,
                              description="The training run in the MLflow UI")
         return True
-    markdown = (
-        f"# MLflow training run `{run_id}`\n\n"
-        f"The tracking store is `{uri}` (no web server). To browse the run:\n\n"
-        f"```bash\nmlflow ui --backend-store-uri '{uri}' -h 127.0.0.1 -p 5000\n```\n\n"
-        f"then open http://127.0.0.1:5000/#/runs/{run_id}\n"
-    )
-    create_markdown_artifact(markdown, key=key, description="How to open the training run in MLflow")
+    links = mlflow_links(uri, run_id=run_id) or [(f"training run {run_id}", f"{LOCAL_UI}/#/runs/{run_id}")]
+    create_markdown_artifact(f"# MLflow training run `{run_id}`\n\n" + links_markdown(uri, links), key=key,
+                             description="How to open the training run in MLflow")
     return True
 
 

@@ -55,7 +55,7 @@ from flows.common import (
 )
 from flows.faults import exception_is_transient, retry_if_transient
 from flows.overrides import parse_set_options
-from flows.pipeline import OverrideValue, pipeline
+from flows.pipeline import OverrideValue, links_markdown, mlflow_links, pipeline, tracking_uri
 
 LEDGER = Path("data/retrain-ledger.json")
 SIDECAR_SUFFIXES = (".truth.json", ".vocals.wav")  # travel with their video (singer.data.ingest.SIDECARS)
@@ -277,14 +277,25 @@ def release_model(repo: str) -> dict[str, Any]:
     raise CommandFailed("singer release", result)
 
 
-def publish_release(outcome: dict[str, Any], registered: dict[str, Any], source: str, n_new: int) -> None:
+def publish_release(outcome: dict[str, Any], registered: dict[str, Any], source: str, n_new: int,
+                    repo: str | None = None) -> None:
+    """The release's outcome as a Prefect artifact, with links to the registered version in the MLflow UI, the
+    run that trained it and its logged model."""
     verdict = "promoted to champion" if outcome["promoted"] else (
         "kept the current champion" if outcome["passed"] else "refused by the release gate")
+    links = ""
+    if repo is not None and registered.get("version"):
+        from singer.config import load_config
+
+        uri = tracking_uri(Path(repo))
+        name = load_config(Path(repo) / "params.yaml").tracking.registered_model
+        found = mlflow_links(uri, model=name, version=str(registered["version"]))
+        links = "\n## In MLflow\n\n" + links_markdown(uri, found) if found else ""
     create_markdown_artifact(
         f"# Release: {verdict}\n\n"
         f"- new data: {n_new} object(s) from `{source}`\n"
         f"- registered: {registered.get('message') or registered.get('version')}\n"
-        f"- release: {outcome['message']}\n",
+        f"- release: {outcome['message']}\n" + links,
         key=RELEASE_ARTIFACT, description="Outcome of `singer release` after the retraining")
 
 
@@ -338,7 +349,7 @@ def retrain(
     if "evaluate" in selected:
         registered = register_model(str(repo))
         outcome = release_model(str(repo))
-        publish_release(outcome, registered, source, len(pulled["new"]))
+        publish_release(outcome, registered, source, len(pulled["new"]), str(repo))
         logger.info("release: %s", outcome["message"])
         result.update(registered=registered, release=outcome)
     else:

@@ -237,19 +237,30 @@ def register(
     metrics_file: Path | None = typer.Option(None, help="evaluation metrics JSON (default: metrics/eval.json)"),
     params: Path = ParamsOpt,
 ) -> None:
-    """Log the model as an MLflow pyfunc, register it, and give it the alias `challenger`."""
-    from singer.release.registry import RegistryError, register_model
+    """Register the model training logged (else log it as an MLflow pyfunc first), with the evaluation's
+    metrics, and give it the alias `challenger`."""
+    from singer.release.lineage import stage_json, training_record
+    from singer.release.registry import RegistryError, eval_metrics, register_model
 
     cfg = _load(params, None, None)
     model_dir = model_dir or cfg.evaluate.model_dir
-    metrics_file = metrics_file or Path(cfg.paths.metrics) / "eval.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else None
+    metrics_file = metrics_file or stage_json(cfg, "eval")
+    metrics, unavailable = eval_metrics(json.loads(metrics_file.read_text())) if metrics_file.exists() else ({}, {})
+    trained = training_record(cfg, model_dir) or {}
     try:
-        version = register_model(cfg, model_dir, metrics=metrics)
+        version = register_model(cfg, model_dir, metrics=metrics, unavailable=unavailable,
+                                 model_id=trained.get("mlflow_model_id"))
     except (RegistryError, FileNotFoundError) as exc:
         _fail(str(exc))
+    from singer.release.tracking import resolve_tracking_uri
+    from singer.urls import mlflow_ui, version_url
+
+    uri = resolve_tracking_uri(cfg.tracking)
     console.print(f"[green]register[/]: {cfg.tracking.registered_model} version {version} is the challenger",
                   highlight=False)
+    command = mlflow_ui(uri)[1]
+    console.print(f"  MLflow: {version_url(uri, cfg.tracking.registered_model, version)}"
+                  + (f"  (after: {command})" if command else ""), highlight=False, soft_wrap=True)
 
 
 @app.command()

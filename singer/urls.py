@@ -1,14 +1,16 @@
-"""URLs that may carry credentials, and MLflow servers that may not answer: used by tracking and by generation.
+"""URLs that may carry credentials, MLflow servers that may not answer, and the MLflow UI's pages: used by
+tracking, generation, registration and the flows.
 
     redact_url("postgresql://user:pw@db/x")      # -> "postgresql://user:***@db/x"
     server_unreachable("http://127.0.0.1:5000")  # -> None, or the error of a GET on /health
+    version_url("sqlite:///mlflow.db", "singer", 3)  # -> "http://127.0.0.1:5000/#/models/singer/versions/3"
 """
 
 from __future__ import annotations
 
 import re
 
-__all__ = ["REDACTED", "redact_url", "server_unreachable"]
+__all__ = ["LOCAL_UI", "REDACTED", "mlflow_ui", "redact_url", "server_unreachable", "version_url"]
 
 _URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^/@\s:]*):(?P<pw>[^/@\s]*)@")
 REDACTED = "***"
@@ -33,3 +35,19 @@ def server_unreachable(uri: str, timeout: float = 5.0) -> OSError | None:
     except (urllib.error.URLError, OSError) as exc:
         return exc
     return None
+
+
+LOCAL_UI = "http://127.0.0.1:5000"
+
+
+def mlflow_ui(uri: str) -> tuple[str, str | None]:
+    """(the MLflow UI's base URL, the command that serves it) for a tracking URI: an http(s) tracking server is
+    its own UI (no command); a local store (SQLite, a folder) is served by `mlflow ui` at LOCAL_UI."""
+    if uri.startswith(("http://", "https://")):
+        return redact_url(uri.rstrip("/")), None
+    return LOCAL_UI, f"mlflow ui --backend-store-uri '{redact_url(uri)}' -h 127.0.0.1 -p 5000"
+
+
+def version_url(uri: str, model: str, version: str | int) -> str:
+    """The MLflow UI page of a registered model version."""
+    return f"{mlflow_ui(uri)[0]}/#/models/{model}/versions/{version}"

@@ -301,11 +301,12 @@ def test_dvc_repro_ablate_trains_evaluates_and_reports(tiny_project, tmp_path):
     # the table, the CSV, the plot and the parent run's metrics hold the numbers of the runs' own files
     _assert_report_is_the_runs(repo, repo_cfg, result, client, parents[0].info.run_id)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert sorted(r.info.run_name for r in children) == ["full-s0", "no_both-s0"]
+    assert sorted(r.info.run_name for r in children) == ["ablate-full-s0", "ablate-no_both-s0"]
     for child in children:  # training and evaluation logged into the same child run: the runs' numbers
-        variant = child.info.run_name.split("-s")[0]
+        name = child.info.run_name.removeprefix("ablate-")
+        variant = name.split("-s")[0]
         prefix = "" if variant == "full" else f"{variant}-"
-        metrics = repo / "ablation" / child.info.run_name / "metrics"
+        metrics = repo / "ablation" / name / "metrics"
         evaluated = json.loads((metrics / f"{prefix}eval.json").read_text())
         trained = json.loads((metrics / f"{prefix}train.json").read_text())
         assert child.data.metrics["ssim"] == pytest.approx(evaluated["ssim"])

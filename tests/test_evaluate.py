@@ -56,7 +56,8 @@ def serial_result(tiny_project, tmp_path_factory):
         SingerPipeline.from_model(SingerModel.build(cfg.model, cfg.crop.resolution),
                                   cfg.crop.resolution).save_pretrained(dest / "models" / "full")
         (dest / "metrics").mkdir(exist_ok=True)
-        (dest / "metrics" / "train.json").write_text(json.dumps({"mlflow_run_id": "abc123"}))
+        (dest / "metrics" / "train.json").write_text(json.dumps({"mlflow_run_id": "abc123",
+                                                                  "model_dir": "models/full"}))
         summary = run_evaluate(cfg, progress=False)
         yield dest, cfg, summary
     finally:
@@ -103,8 +104,9 @@ def test_outputs_exist_and_agree(serial_result):
     assert [p.stem for p in samples] == test_ids[:1]
     from singer.media import read_frames
 
-    frames, _ = read_frames(samples[0])
-    assert frames.shape[0] == 50 and frames.shape[2] == 2 * frames.shape[1]
+    frames, _ = read_frames(samples[0])  # reference | ground truth | generated, 64^2 panels shown at 256^2
+    assert frames.shape[:3] == (50, 256, 3 * 256)
+    assert samples[0].with_suffix(".png").read_bytes()[:4] == b"\x89PNG"  # its mouth-opening plot
     assert not list(out.rglob(".*tmp*"))  # atomic writes leave no temporaries
 
 
@@ -130,7 +132,7 @@ def test_mlflow_run_has_table_metrics_and_training_link(serial_result):
     root, _, summary = serial_result
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     run = mlflow.MlflowClient().get_run(summary["mlflow_run_id"])
-    assert run.data.tags["stage"] == "evaluate"
+    assert run.data.tags["stage"] == "evaluate" and run.info.run_name == "evaluate-full"
     assert run.data.tags["train_run_id"] == "abc123"
     assert run.data.metrics["ssim"] == pytest.approx(summary["ssim"])
     assert run.data.metrics["n_clips"] == 2

@@ -292,10 +292,6 @@ def test_video_figure_table_and_model_artifacts(ml, tmp_path):
         sample_rate=16000,
     )
     plot = loss_plot([(i, 1.0 / i) for i in range(1, 30)], tmp_path / "loss.png")
-    model_dir = tmp_path / "model"
-    (model_dir / "unet").mkdir(parents=True)
-    (model_dir / "model_index.json").write_text("{}")
-    (model_dir / "unet" / "config.json").write_text("{}")
     fig = Figure()
     fig.add_subplot(1, 1, 1).plot([0, 1], [1, 0])
     import pandas as pd
@@ -306,7 +302,6 @@ def test_video_figure_table_and_model_artifacts(ml, tmp_path):
         assert tracking.log_figure(plot, "plots/loss.png")
         assert tracking.log_table(pd.DataFrame({"clip": ["a", "b"], "ssim": [0.5, 0.6]}), "per_clip.json")
         assert tracking.log_table({"ssim": 0.55, "psnr": 20.0}, "summary.json")
-        assert tracking.log_model_dir(model_dir)
     files = set(_artifacts(run.info.run_id))
     assert {
         "samples/sample.mp4",
@@ -314,12 +309,11 @@ def test_video_figure_table_and_model_artifacts(ml, tmp_path):
         "plots/loss.png",
         "per_clip.json",
         "summary.json",
-        "model/model_index.json",
-        "model/unet/config.json",
     } <= files
     local = _client().download_artifacts(run.info.run_id, "samples/sample.mp4", str(tmp_path / "dl"))
     info = probe(local)
-    assert (info.width, info.height, info.n_frames, info.has_audio) == (64, 32, 10, True)
+    # 32^2 panels scaled x8 to 256^2, ground truth | generated
+    assert (info.width, info.height, info.n_frames, info.has_audio) == (512, 256, 10, True)
 
 
 def test_failing_artifact_store_warns_once_and_training_continues(ml, tmp_path):
@@ -402,15 +396,23 @@ def test_side_by_side_and_loss_plot(tmp_path):
     from singer.media.sample_video import side_by_side
     from singer.train.media_log import loss_plot
 
-    gt = np.zeros((3, 4, 5, 3), np.uint8)
-    gen = np.full((3, 4, 5, 3), 255, np.uint8)
-    both = side_by_side(gt, gen)
-    assert both.shape == (3, 4, 10, 3) and both.dtype == np.uint8
-    assert (both[:, :, :5] == 0).all() and (both[:, :, 5:] == 255).all()
+    rng = np.random.default_rng(0)
+    gt = rng.integers(0, 255, (3, 64, 48, 3), dtype=np.uint8)
+    gen = 255 - gt
+    reference = rng.integers(0, 255, (64, 48, 3), dtype=np.uint8)
+    both = side_by_side(gt, gen, reference=reference)  # 64 px tall: x4 to 256
+    assert both.shape == (3, 256, 3 * 4 * 48, 3) and both.dtype == np.uint8
+    panels = both.reshape(3, 256, 3, 4 * 48, 3)
+    for i, want in enumerate((np.broadcast_to(reference, gt.shape), gt, gen)):  # nearest neighbour: exact
+        assert np.array_equal(panels[:, ::4, i, ::4], want) and np.array_equal(panels[:, 3::4, i, 3::4], want)
+    assert side_by_side(gt, gen, min_panel=64).shape == (3, 64, 96, 3)  # tall enough already: as it is
+    assert side_by_side(gt[:, :50], gen[:, :50], min_panel=256).shape[1] == 300  # a whole factor: ceil(256/50)
     with pytest.raises(ValueError):
         side_by_side(gt, gen[:2])
     with pytest.raises(ValueError):
         side_by_side(gt.astype(np.float32), gen)
+    with pytest.raises(ValueError, match="reference"):
+        side_by_side(gt, gen, reference=reference[:32])
     path = loss_plot([(s, float(np.exp(-s / 20))) for s in range(100)], tmp_path / "plots" / "loss.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert loss_plot([], tmp_path / "empty.png").exists()

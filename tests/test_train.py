@@ -120,22 +120,29 @@ def test_training_logs_params_checkpoints_samples_and_the_model(project_copy):
     assert run.data.metrics["lr"] == pytest.approx(cfg.train.lr)
     assert math.isfinite(run.data.metrics["grad_norm"]) and run.data.metrics["grad_norm"] > 0
     assert run.data.metrics["samples_per_second"] > 0
+    assert run.info.run_name == "train-full"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert artifacts == {"checkpoints", "samples", "model", "plots"}
+    assert artifacts == {"checkpoints", "samples", "plots"}
     steps = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")}
     assert steps == {"checkpoints/step-000002", "checkpoints/step-000004"}
     assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/loss.png"]
-    model_files = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
-    assert "model/model_index.json" in model_files and "model/denoising_unet" in model_files
-    logged_index = client.download_artifacts(run.info.run_id, "model/model_index.json", str(project_copy))
-    assert Path(logged_index).read_text() == (project_copy / "models/full/model_index.json").read_text()
+    # the model is the run's logged model (MLflow 3): the served pyfunc around the save_pretrained folder
+    model = client.get_logged_model(metrics["mlflow_model_id"])
+    assert model.source_run_id == run.info.run_id and model.tags["variant"] == "full"
+    assert model.tags["data_hash"] == tags["data_hash"]
+    local_model = Path(mlflow.artifacts.download_artifacts(f"models:/{model.model_id}", dst_path=str(project_copy / "m"),
+                                                           tracking_uri=client.tracking_uri))
+    logged_index = next(local_model.rglob("model_index.json"))
+    assert logged_index.read_text() == (project_copy / "models/full/model_index.json").read_text()
+    assert (local_model / "input_example.json").is_file() and (local_model / "code" / "singer").is_dir()
     samples = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
-    assert samples == ["samples/sample-step-000004.mp4"]  # validate_every=4 of 4 steps: one sample
+    # validate_every=4 of 4 steps: one sample, and its mouth-opening plot
+    assert samples == ["samples/sample-step-000004.mp4", "samples/sample-step-000004.png"]
     local = client.download_artifacts(run.info.run_id, samples[0], str(project_copy))
     from singer.media import probe
 
-    info = probe(local)
-    assert info.n_frames == 8 and info.width == 2 * 64 and info.has_audio
+    info = probe(local)  # reference | ground truth | generated, 64^2 each shown at 256^2
+    assert info.n_frames == 8 and (info.width, info.height) == (3 * 256, 256) and info.has_audio
 
 
 @pytest.mark.slow

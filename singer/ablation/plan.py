@@ -133,7 +133,7 @@ def child_run_id(cfg: Config, parent: str, run: AblationRun) -> str:
 
     client = mlflow.MlflowClient()
     experiment_id = tracking.setup_mlflow(cfg.tracking)
-    child = client.create_run(experiment_id, run_name=run.name, tags={
+    child = client.create_run(experiment_id, run_name=f"ablate-{run.name}", tags={
         "mlflow.parentRunId": parent, "stage": "ablate-run", "variant": run.variant, "seed": str(run.seed),
         "ablation_key": ablation_key(cfg)})
     client.set_terminated(child.info.run_id, "FINISHED")  # train resumes it (sets RUNNING) and ends it

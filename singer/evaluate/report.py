@@ -9,7 +9,8 @@ Under `evaluate.out_dir` (default `eval/`):
     plots/per_metric.csv      DVC plot data: metric, mean, std, n_ok, n_clips
     plots/mouth_curves.png    generated vs ground-truth mouth opening, one panel per clip (at most 6)
     plots/per_metric.png      per-clip values of every available metric (bars)
-    samples/<clip_id>.mp4     ground truth | generated with the audio (`evaluate.sample_videos` clips)
+    samples/<clip_id>.mp4     reference | ground truth | generated, upscaled, with the audio (`evaluate.sample_videos`
+                              clips), and samples/<clip_id>.png, their mouth-opening curves
     timings.json              seconds per clip of each step/metric (mean over clips), total wall time
 
 and `metrics/eval.json` (DVC metrics): the mean of each metric over the clips where it is available (null
@@ -171,7 +172,7 @@ def write_outputs(cfg: Config, rows: list[dict], set_level: dict[str, Any], seco
                   eval_json: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
     """Write everything (the summary to `eval_json`, which the runner names); returns (eval.json's content,
     {name: path or [paths]})."""
-    from singer.media.sample_video import write_sample_video
+    from singer.media.sample_video import write_mouth_plot, write_sample_video
 
     out = Path(cfg.evaluate.out_dir)
     names = metric_names(rows, set_level)
@@ -189,28 +190,32 @@ def write_outputs(cfg: Config, rows: list[dict], set_level: dict[str, Any], seco
         "per_metric_png": metric_bars(df, [n for n in names if n not in set_level], out / "plots" / "per_metric.png"),
         "timings": write_json_atomic(out / "timings.json", timings_summary(rows, seconds)),
     }
-    samples = []
+    samples, plots = [], []
     (out / "samples").mkdir(parents=True, exist_ok=True)  # a declared DVC output, even with no sample videos
     for r in rows:
         if "frames" in r:
             gt, gen = r["frames"]
             audio, rate = r["audio"]
-            samples.append(write_sample_video(out / "samples" / f"{r['clip_id']}.mp4", gt, gen, fps=r["fps"],
-                                              audio=audio, sample_rate=rate))
-    paths["samples"] = samples
+            name = r["clip_id"]
+            samples.append(write_sample_video(out / "samples" / f"{name}.mp4", gt, gen, fps=r["fps"],
+                                              audio=audio, sample_rate=rate, reference=r.get("reference")))
+            plots.append(write_mouth_plot(out / "samples" / f"{name}.png", r["curves"]["truth"],
+                                          r["curves"]["generated"], title=str(r["clip_id"]), fps=r["fps"]))
+    paths["samples"], paths["sample_plots"] = samples, plots
     paths["eval_json"] = write_json_atomic(eval_json, summary)
     return summary, paths
 
 
-def log_to_mlflow(summary: dict[str, Any], paths: dict[str, Any]) -> None:
-    """Metric means, the per-clip table, the plots, plot data and sample videos into the active run."""
+def log_to_mlflow(summary: dict[str, Any], paths: dict[str, Any], model_id: str | None = None) -> None:
+    """Metric means (also against the logged model `model_id`, when given), the per-clip table, the plots, plot
+    data and sample videos (each with its mouth-opening plot) into the active run."""
     import pandas as pd
 
     from singer.release import tracking
 
     values = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
               and v is not None}
-    tracking.log_step(values, step=0)
+    tracking.log_step(values, step=0, model_id=model_id)
     if summary.get("unavailable"):
         tracking.log_tags({f"unavailable.{k}": str(v)[:5000] for k, v in summary["unavailable"].items()})
     df = pd.read_parquet(paths["per_clip"])
@@ -224,6 +229,8 @@ def log_to_mlflow(summary: dict[str, Any], paths: dict[str, Any]) -> None:
         tracking.log_figure(paths[key], f"plots/{Path(paths[key]).name}")
     for p in paths.get("samples", []):
         tracking.log_video(p, "samples")
+    for p in paths.get("sample_plots", []):
+        tracking.log_figure(p, f"samples/{Path(p).name}")
 
 
 __all__ = ["log_to_mlflow", "per_clip_frame", "summarize", "write_outputs"]

@@ -255,6 +255,7 @@ class ClipEvaluator:
         if keep_frames:
             row["frames"] = (frames, generated)
             row["audio"] = (audio, rate)
+            row["reference"] = reference
         return row
 
 
@@ -328,25 +329,11 @@ def set_metrics(cfg: Config, rows: list[dict]) -> dict[str, Any]:
     return out
 
 
-def _variant_name(cfg: Config, stage: str) -> str:
-    variant = getattr(cfg.train, "variant", "full")
-    return f"{stage}.json" if variant == "full" else f"{variant}-{stage}.json"
-
-
 def eval_json_path(cfg: Config) -> Path:
     """`metrics/eval.json` (`metrics/<variant>-eval.json` for an ablation variant, as train names its json)."""
-    return Path(cfg.paths.metrics) / _variant_name(cfg, "eval")
+    from singer.release.lineage import stage_json
 
-
-def train_run_id(cfg: Config) -> str | None:
-    """The training run's MLflow id from `metrics/train.json` (None when absent)."""
-    import json
-
-    path = Path(cfg.paths.metrics) / _variant_name(cfg, "train")
-    try:
-        return json.loads(path.read_text()).get("mlflow_run_id") or None
-    except (OSError, ValueError, AttributeError):
-        return None
+    return stage_json(cfg, "eval")
 
 
 def run_evaluate(cfg: Config, progress: bool = True) -> dict:
@@ -356,6 +343,7 @@ def run_evaluate(cfg: Config, progress: bool = True) -> dict:
     """
     from singer.evaluate import report
     from singer.release import tracking
+    from singer.release.lineage import training_record
 
     ec = cfg.evaluate
     _check_metric_names(list(ec.metrics))
@@ -363,17 +351,22 @@ def run_evaluate(cfg: Config, progress: bool = True) -> dict:
     if not clips:
         raise ValueError(f"the test split {cfg.paths.split}/test.txt has no clips")
     keep = {c["index"] for c in clips[: max(0, int(ec.sample_videos))]}
-    tags = {}
-    parent = train_run_id(cfg)
-    if parent:
-        tags["train_run_id"] = parent
+    # the model under test, when this project trained it: its training run, and the logged model the metrics
+    # are attached to (MLflow 3 lineage: the logged model's page lists them, with this run as their source)
+    trained = training_record(cfg, ec.model_dir) or {}
+    tags = {"variant": cfg.train.variant}
+    if trained.get("mlflow_run_id"):
+        tags["train_run_id"] = trained["mlflow_run_id"]
+    if trained.get("mlflow_model_id"):
+        tags["model_id"] = trained["mlflow_model_id"]
     started = time.perf_counter()
-    with tracking.start_run(cfg, "evaluate", tags=tags, data_paths=[cfg.paths.split, ec.model_dir]) as run:
+    with tracking.start_run(cfg, "evaluate", tags=tags, data_paths=[cfg.paths.split, ec.model_dir],
+                            run_name=f"evaluate-{cfg.train.variant}") as run:
         rows = run_clips(cfg, clips, keep=keep, progress=progress)
         set_level = set_metrics(cfg, rows)
         summary, paths = report.write_outputs(cfg, rows, set_level, seconds=time.perf_counter() - started,
                                               eval_json=eval_json_path(cfg))
-        report.log_to_mlflow(summary, paths)
+        report.log_to_mlflow(summary, paths, model_id=trained.get("mlflow_model_id"))
         if run is not None:
             summary["mlflow_run_id"] = run.info.run_id
     summary["paths"] = {k: str(v) if not isinstance(v, list) else [str(p) for p in v] for k, v in paths.items()}

@@ -4,6 +4,7 @@ the data it read.
     config_params(cfg)           # the flattened config as MLflow params; secrets masked
     git_info()                   # {"git_commit": sha, "git_dirty": "true"|"false"} (or "unknown")
     data_hash(["data/split"])    # sha256 over the paths (DVC's recorded md5 when dvc.lock has one)
+    training_record(cfg, "models/full")  # metrics/train.json about that folder: its run and logged model ids
 
 Params are the flattened config (`flatten(cfg.model_dump(mode="json", by_alias=True))`), never the
 environment. A key matching `SECRET_KEY_PATTERN` gets the value `***`; credentials inside URLs
@@ -136,3 +137,30 @@ def data_hash(paths: Iterable[str | os.PathLike], dvc_lock: str | os.PathLike | 
             h.update(b"missing\n")
     return h.hexdigest()
 
+
+
+# ------------------------------------------------------------------------------------------- stage records
+
+
+def stage_json(cfg: Config, stage: str) -> Path:
+    """`metrics/<stage>.json` (`metrics/<variant>-<stage>.json` for an ablation variant): the one naming rule
+    for what train and evaluate write, so each stage finds the other's."""
+    variant = cfg.train.variant
+    return Path(cfg.paths.metrics) / (f"{stage}.json" if variant == "full" else f"{variant}-{stage}.json")
+
+
+def training_record(cfg: Config, model_dir: str | os.PathLike | None = None) -> dict[str, Any] | None:
+    """`metrics/train.json` when it describes `model_dir` (None: whichever folder it names): the training
+    run (`mlflow_run_id`) and the model it logged (`mlflow_model_id`). None when there is no record, or when it
+    is about another folder (a model trained elsewhere has no training run here)."""
+    import json
+
+    try:
+        record = json.loads(stage_json(cfg, "train").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    if model_dir is not None and Path(str(record.get("model_dir", ""))).resolve() != Path(model_dir).resolve():
+        return None
+    return record

@@ -12,9 +12,12 @@
   `serve.max_seconds` (stored in the model config when logged), steps < 1, ...) raises `ServeError`, checked
   before generation starts: the server answers 400 with {"error_code": "INVALID_PARAMETER_VALUE",
   "message": "<one line>", ...} and no stack trace.
-- `register_model` registers a new version of `cfg.tracking.registered_model`, puts the alias `challenger` on
-  it and stores the evaluation metrics as version tags `metric.<name>` (names lower-cased, `-` -> `_`:
-  `LSE-D` -> `metric.lse_d`); a missing or NaN metric is stored as `null`.
+- `register_model` registers a new version of `cfg.tracking.registered_model`: the logged model the training run
+  made (MLflow 3 lineage: version -> logged model -> training run, with its loss plot, checkpoints, sample
+  videos, params and data hash), puts the alias `challenger` on it, stores the evaluation metrics as version
+  tags `metric.<name>` (names lower-cased, `-` -> `_`: `LSE-D` -> `metric.lse_d`; a metric that was not
+  measured is absent, its reason in the one tag `unavailable`) and writes a description (data hash, git
+  commit, variant, metrics). The training run gets the tag `registered_version`.
 - `release` compares the challenger with the champion on every metric of `cfg.release.gate` (metric -> the
   largest allowed regression, in the metric's units; `DIRECTIONS` says which way is better). A gated metric
   fails when the challenger is worse by more than its margin; a `require_metrics` metric fails when the
@@ -25,6 +28,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import TYPE_CHECKING, Any
@@ -45,7 +49,8 @@ CHALLENGER = "challenger"
 CHAMPION = "champion"
 PREVIOUS_CHAMPION = "previous_champion"
 METRIC_TAG_PREFIX = "metric."
-NULL = "null"
+UNAVAILABLE_TAG = "unavailable"
+NULL = "null"  # read from versions registered before absent metrics were left out
 
 # "lower" is better / "higher" is better, by normalised metric name.
 DIRECTIONS: dict[str, str] = {
@@ -95,30 +100,86 @@ def _client(cfg: Config):
     return mlflow.MlflowClient()
 
 
+def eval_metrics(summary: dict[str, Any]) -> tuple[dict[str, float], dict[str, str]]:
+    """`metrics/eval.json` -> (metrics, unavailable): the numeric metric means (names by `metric_key`; counts
+    such as n_clips are not metrics) and, for each metric that could not be measured, its reason."""
+    metrics = {metric_key(k): value for k, v in summary.items() if not str(k).startswith("n_")
+               and not isinstance(v, (bool, dict, list)) and (value := _as_float(v)) is not None}
+    unavailable = {metric_key(k): str(v) for k, v in (summary.get("unavailable") or {}).items()}
+    return metrics, {k: v for k, v in unavailable.items() if k not in metrics}
+
+
+def _description(name: str, lineage: dict[str, str], metrics: dict[str, float], unavailable: dict[str, str]) -> str:
+    """The version's description (Markdown, as the registry UI shows it): what was trained on what, and how
+    it scored."""
+    lines = [f"**{name}** `{lineage.get('variant', '?')}`: trained on data `{lineage.get('data_hash', 'unknown')[:12]}` "
+             f"at git `{lineage.get('git_commit', 'unknown')[:12]}`"
+             + (" (uncommitted changes)" if lineage.get("git_dirty") == "true" else "") + "."]
+    if lineage.get("train_run_id"):
+        lines.append(f"Training run `{lineage['train_run_id']}`, logged model `{lineage.get('model_id', '?')}`.")
+    key = [k for k in DIRECTIONS if k in metrics] + sorted(k for k in metrics if k not in DIRECTIONS)
+    if key:
+        lines.append("Metrics: " + ", ".join(f"{k} {metrics[k]:.4g}" for k in key) + ".")
+    if unavailable:
+        lines.append("Not measured: " + "; ".join(f"{k} ({reason})" for k, reason in sorted(unavailable.items())) + ".")
+    return "\n\n".join(lines)
+
+
+def _logged_model(client, model_id: str | None):
+    from mlflow.exceptions import MlflowException
+
+    if not model_id:
+        return None
+    try:
+        return client.get_logged_model(model_id)
+    except MlflowException:
+        return None
+
+
 def register_model(cfg: Config, model_dir: str | os.PathLike, run_id: str | None = None,
-                   metrics: dict[str, Any] | None = None) -> str:
-    """Log the pyfunc into `run_id` (or a new `register` run), register it as `cfg.tracking.registered_model`,
-    alias it `challenger` and store `metrics` as version tags. Returns the new version number (a string)."""
+                   metrics: dict[str, Any] | None = None, model_id: str | None = None,
+                   unavailable: dict[str, str] | None = None) -> str:
+    """Register a new version of `cfg.tracking.registered_model`, alias it `challenger`, and describe it.
+
+    model_id: the logged model training made of `model_dir` (`metrics/train.json`'s `mlflow_model_id`): that
+    one is registered, so version -> logged model -> training run is MLflow's own lineage. Without it (a
+    folder trained elsewhere, or a store that does not have that model), the pyfunc is logged into `run_id`
+    (or a new run `register`) and that is registered. metrics: the evaluation's means, stored as version tags
+    `metric.<name>` (absent metrics are left out); unavailable: metric -> why it was not measured, in one tag
+    `unavailable`. The description says the data hash, git commit, variant and metrics. Returns the version."""
     import mlflow
 
     from singer.release.tracking import start_run
 
     name = cfg.tracking.registered_model
-    metrics = {metric_key(k): _as_float(v) for k, v in (metrics or {}).items()}
-    with start_run(cfg, stage="register", run_id=run_id) as active:
-        if active is None:
-            raise RegistryError("register_model must run on the main process")
-        info = log_pyfunc(model_dir, max_seconds=cfg.serve.max_seconds)
-        present = {k: v for k, v in metrics.items() if v is not None}
-        if present and run_id is None:
-            mlflow.log_metrics(present)
-        rid = active.info.run_id
-    client = mlflow.MlflowClient()
-    mv = mlflow.register_model(info.model_uri, name, tags={"run_id": rid, "model_dir": str(model_dir)})
+    client = _client(cfg)
+    present = {metric_key(k): v for k, raw in (metrics or {}).items() if (v := _as_float(raw)) is not None}
+    missing = {metric_key(k): str(v) for k, v in (unavailable or {}).items() if metric_key(k) not in present}
+    logged = _logged_model(client, model_id)
+    if logged is not None:
+        uri, source_run = f"models:/{logged.model_id}", logged.source_run_id
+    else:
+        with start_run(cfg, stage="register", run_id=run_id, run_name="register",
+                       tags={"variant": cfg.train.variant}) as active:
+            if active is None:
+                raise RegistryError("register_model must run on the main process")
+            info = log_pyfunc(model_dir, max_seconds=cfg.serve.max_seconds)
+            if present and run_id is None:
+                mlflow.log_metrics(present, model_id=info.model_id)
+            uri, source_run = info.model_uri, active.info.run_id
+    run = client.get_run(source_run)
+    lineage = {k: run.data.tags[k] for k in ("variant", "data_hash", "git_commit", "git_dirty") if k in run.data.tags}
+    lineage.update(train_run_id=source_run, model_id=uri.split("/", 1)[-1])
+    mv = mlflow.register_model(uri, name, tags={"run_id": source_run, "model_dir": str(model_dir), **lineage})
     version = str(mv.version)
-    for key, value in metrics.items():
-        client.set_model_version_tag(name, version, METRIC_TAG_PREFIX + key, NULL if value is None else repr(value))
+    for key, value in present.items():
+        client.set_model_version_tag(name, version, METRIC_TAG_PREFIX + key, repr(value))
+    if missing:
+        client.set_model_version_tag(name, version, UNAVAILABLE_TAG,
+                                     "; ".join(f"{k}: {reason}" for k, reason in sorted(missing.items()))[:5000])
+    client.update_model_version(name, version, description=_description(name, lineage, present, missing))
     client.set_registered_model_alias(name, CHALLENGER, version)
+    client.set_tag(source_run, "registered_version", f"{name}/{version}")  # the run page says it was released
     return version
 
 
@@ -220,6 +281,11 @@ def release(cfg: Config) -> dict:
         client.set_model_version_tag(name, str(champion.version), "replaced_by", version)
     client.set_registered_model_alias(name, CHAMPION, version)
     client.set_model_version_tag(name, version, "promoted_from", out["champion"] or "none")
+    if challenger.run_id:  # the run that made it says it is released (unless it was deleted since)
+        from mlflow.exceptions import MlflowException
+
+        with contextlib.suppress(MlflowException):
+            client.set_tag(challenger.run_id, "released_as", f"{name}/{version} {CHAMPION}")
     out.update(promoted=True, message=f"{name} v{version} is now {CHAMPION}"
                + (f" (was v{champion.version})" if champion is not None else ""))
     return out

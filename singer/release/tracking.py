@@ -4,7 +4,8 @@
         log_step({"loss": 0.1, "lr": 1e-4}, step)           # per-step metrics
         log_checkpoint(ckpt_path, step)                     # -> artifacts checkpoints/step-000050/
         log_video("sample.mp4")                             # -> artifacts samples/sample.mp4
-        log_figure(fig, "plots/loss.png"); log_table(df, "per_clip.json"); log_model_dir("models/full")
+        log_figure(fig, "plots/loss.png"); log_table(df, "per_clip.json")
+        model_id = log_model("models/full")                 # an MLflow 3 logged model, source run = this run
 
 - Tracking URI: `MLFLOW_TRACKING_URI` when set, else `cfg.tracking.tracking_uri`; a relative SQLite path is
   made absolute, so processes started elsewhere (accelerate workers, flows) find the same database.
@@ -21,7 +22,8 @@
   On a resumed run only the params it does not have yet are logged; a changed value is not re-logged
   (MLflow forbids it) but listed in the tag `params_changed_on_resume`.
 - Tags: `stage`, `git_commit` (and `mlflow.source.git.commit`), `git_dirty`, `data_hash` (with data_paths),
-  from `singer.release.lineage`.
+  from `singer.release.lineage`. Runs are named for what they are (`train-full`, `evaluate-full`, `ablation`,
+  `ablate-no_msm-s0`, `register`); the experiment is tagged as model training (`mlflow.experimentKind`).
 - Robustness: `setup_mlflow` fails clearly on a store it cannot reach. After that, a failing `log_*`
   call warns once per kind and returns False; training goes on. After a failure, metrics are skipped for
   `METRICS_COOLDOWN_S` seconds so that a dead server does not stall every step. `failures()` counts them.
@@ -114,6 +116,9 @@ def _check_http(uri: str, timeout: float = 5.0) -> None:
         raise TrackingError(f"MLflow server {redact_url(uri)} is not reachable: {exc}") from exc
 
 
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"  # "model training"
+
+
 def setup_mlflow(cfg: TrackingConfig) -> str:
     """Point MLflow at the tracking store and make sure the experiment exists. Returns its id.
 
@@ -143,6 +148,9 @@ def setup_mlflow(cfg: TrackingConfig) -> str:
             experiment_id = experiment.experiment_id
             if experiment.lifecycle_stage == LifecycleStage.DELETED:
                 client.restore_experiment(experiment_id)
+        if EXPERIMENT_KIND_TAG not in (getattr(experiment, "tags", None) or {}):
+            # without it MLflow 3's UI guesses, and an experiment of custom pyfunc models opens as GenAI
+            client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     except TrackingError:
         raise
     except Exception as exc:
@@ -315,13 +323,14 @@ def _scalar(value: Any) -> float:
     return float(value)
 
 
-def log_step(metrics: dict[str, Any], step: int) -> bool:
-    """Per-step metrics (floats, 0-d tensors or numpy scalars)."""
+def log_step(metrics: dict[str, Any], step: int, model_id: str | None = None) -> bool:
+    """Per-step metrics (floats, 0-d tensors or numpy scalars); with `model_id`, recorded against that logged
+    model too (MLflow 3: they show on the model's page, with this run as their source)."""
     import mlflow
 
     def _log() -> None:
         values = {_BAD_KEY_CHARS.sub("_", str(k)): _scalar(v) for k, v in metrics.items() if v is not None}
-        mlflow.log_metrics(values, step=int(step))
+        mlflow.log_metrics(values, step=int(step), model_id=model_id)
 
     return _guarded("metrics", _log, cooldown=METRICS_COOLDOWN_S)
 
@@ -377,8 +386,24 @@ def log_tags(tags: dict[str, Any]) -> bool:
     return _guarded("tags", mlflow.set_tags, tags)
 
 
-def log_model_dir(path: str | os.PathLike, artifact_path: str = "model") -> bool:
-    """A `save_pretrained` folder as artifacts (the pyfunc model and the registry are separate)."""
+def log_model(path: str | os.PathLike, max_seconds: float | None = None, tags: dict[str, Any] | None = None,
+              name: str = "model") -> str | None:
+    """A `save_pretrained` folder as an MLflow 3 logged model of the active run: the served pyfunc
+    (`singer.release.pyfunc.log_pyfunc`) with its signature and input example. The run's `variant`, `stage`,
+    `data_hash` and `git_commit` tags go on the logged model too. Returns its model id (what `singer register`
+    registers and evaluation logs its metrics against), None when logging failed (warned once, as for any
+    logging)."""
     import mlflow
 
-    return _guarded("model", mlflow.log_artifacts, str(path), artifact_path)
+    from singer.release.pyfunc import log_pyfunc
+
+    info: list[Any] = []
+
+    def _log() -> None:
+        run_tags = mlflow.get_run(mlflow.active_run().info.run_id).data.tags  # as now, not as at the start
+        inherited = {k: v for k, v in run_tags.items() if k in ("variant", "stage", "data_hash", "git_commit",
+                                                                  "run_key")}
+        info.append(log_pyfunc(path, name=name, max_seconds=max_seconds,
+                               tags={**inherited, **{k: str(v) for k, v in (tags or {}).items()}}))
+
+    return info[0].model_id if _guarded("model", _log) and info else None

@@ -70,8 +70,9 @@ def run_key(cfg: Config) -> str:
 
 
 def metrics_path(cfg: Config) -> Path:
-    name = "train.json" if cfg.train.variant == "full" else f"{cfg.train.variant}-train.json"
-    return Path(cfg.paths.metrics) / name
+    from singer.release.lineage import stage_json
+
+    return stage_json(cfg, "train")
 
 
 def face_embeddings(dataset: SingerClipDataset, model_cfg) -> dict[str, np.ndarray]:
@@ -95,14 +96,18 @@ class WithEmbeddings(torch.utils.data.Dataset):
         return item
 
 
-def sample_video(model, cfg: Config, dataset: SingerClipDataset, embeddings: dict, out: Path, step: int) -> Path:
+def sample_video(model, cfg: Config, dataset: SingerClipDataset, embeddings: dict, out: Path,
+                 step: int) -> tuple[Path, Path]:
     """Generate the first `validate_frames` frames of one clip from its reference and audio; write
-    ground truth | generated with the audio."""
-    from singer.media.sample_video import write_sample_video
+    reference | ground truth | generated with the audio (upscaled to be seen), and the mouth-opening plot of
+    ground truth against generated. Returns (video, plot)."""
+    from singer.evaluate.metrics.base import video_landmarks
+    from singer.evaluate.metrics.mouth import opening_curve
+    from singer.media.sample_video import write_mouth_plot, write_sample_video
     from singer.pipeline import SingerPipeline
 
     clip_id = dataset.clip_ids[0]
-    frames, audio, reference, masks, _ = dataset._load_frames(clip_id)
+    frames, audio, reference, masks, mouth = dataset._load_frames(clip_id)
     n = min(cfg.train.validate_frames, len(frames))
     seconds = n / dataset.fps
     audio = audio[: int(round(seconds * dataset.sample_rate))]
@@ -117,8 +122,12 @@ def sample_video(model, cfg: Config, dataset: SingerClipDataset, embeddings: dic
     finally:
         model.train(was_training)
     path = out / f"sample-step-{step:06d}.mp4"
-    return write_sample_video(path, frames[:n], result.frames, fps=dataset.fps, audio=audio,
-                              sample_rate=dataset.sample_rate)
+    video = write_sample_video(path, frames[:n], result.frames, fps=dataset.fps, audio=audio,
+                               sample_rate=dataset.sample_rate, reference=reference)
+    truth = mouth[:n] if np.isfinite(mouth[:n]).all() else opening_curve(video_landmarks(frames[:n]))
+    plot = write_mouth_plot(path.with_suffix(".png"), truth, opening_curve(video_landmarks(result.frames)),
+                            title=f"{clip_id}, step {step}", fps=dataset.fps)
+    return video, plot
 
 
 def checkpoint_manifest(model, trainable: list[str]) -> dict:
@@ -227,7 +236,7 @@ def train(cfg: Config) -> dict:
 
     started = time.perf_counter()
     samples = 0
-    with tracking.start_run(cfg, "train", run_id=state.get("mlflow_run_id"), run_name=cfg.train.variant,
+    with tracking.start_run(cfg, "train", run_id=state.get("mlflow_run_id"), run_name=f"train-{tc.variant}",
                             tags={"variant": tc.variant, "run_key": key, "compute_dtype": dtype_name(amp)},
                             data_paths=[cfg.paths.crops, cfg.paths.split]) as run:
         run_id = run.info.run_id if run is not None else None
@@ -271,9 +280,10 @@ def train(cfg: Config) -> dict:
                     if accelerator.is_main_process:
                         tracking.log_checkpoint(path, step, retention=cfg.tracking.checkpoint_retention)
                 if tc.validate_every and step % tc.validate_every == 0 and accelerator.is_main_process:
-                    video = sample_video(accelerator.unwrap_model(model), cfg, test_split, test_embeddings,
-                                         samples_dir, step)
+                    video, plot = sample_video(accelerator.unwrap_model(model), cfg, test_split, test_embeddings,
+                                               samples_dir, step)
                     tracking.log_video(video)
+                    tracking.log_figure(plot, f"samples/{plot.name}")
                 if step >= tc.steps:
                     break
             epoch += 1
@@ -284,8 +294,8 @@ def train(cfg: Config) -> dict:
         if accelerator.is_main_process:
             unwrapped = accelerator.unwrap_model(model)
             target = save_model(unwrapped, cfg, Path(tc.models_dir) / tc.variant)
-            if cfg.tracking.log_model:
-                tracking.log_model_dir(target)
+            model_id = tracking.log_model(target, max_seconds=cfg.serve.max_seconds) if cfg.tracking.log_model \
+                else None
             plot = loss_plot(history, samples_dir / "loss.png", title=f"training loss ({tc.variant})")
             tracking.log_artifact(plot, "plots")
             losses = [v for _, v in history]
@@ -293,6 +303,7 @@ def train(cfg: Config) -> dict:
             result = {
                 "variant": tc.variant, "steps": step, "resumed_from_step": resumed_from, "run_key": key,
                 "mlflow_run_id": run_id,
+                "mlflow_model_id": model_id,  # the logged model (MLflow 3): `singer register` registers this one
                 "first_loss": round(losses[0], 6) if losses else None,
                 "final_loss": round(float(np.mean(tail)), 6),
                 "seconds": round(seconds, 2),  # this invocation's, after any resume
