@@ -109,7 +109,8 @@ demo: install
 	@echo "Video:      outputs/demo.mp4 (a held-out synthetic singer; tiny model trained on CPU)"
 	@echo "Metrics:    dvc metrics show; reports/ablation.md (Table 3 shape); eval/plots/mouth_curves.png"
 	@echo "Data:       data/split/{train,test}.txt, reports/*.validation.md"
-	@echo "MLflow UI:  .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db   (http://127.0.0.1:5000; model 'singer')"
+	@echo "MLflow UI:  .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db, then"
+	@echo "            http://127.0.0.1:5000/#/models/singer?workflowType=machine_learning (registry -> version -> run)"
 	@echo "Prefect UI: .venv/bin/prefect server start   (http://127.0.0.1:4200; the flow run and its artifacts)"
 
 bench: install

@@ -52,7 +52,7 @@ from flows.common import (
 )
 from flows.faults import retry_if_transient
 from flows.overrides import apply_overrides, parse_set_options
-from singer.urls import LOCAL_UI, mlflow_ui
+from singer.urls import mlflow_ui, ui_url, version_url
 
 RUNNING_STAGE = re.compile(r"Running stage '([^']+)'")
 RESTORED_STAGE = re.compile(r"Stage '([^']+)' is cached - skipping run")  # DVC's run cache had the outputs
@@ -291,24 +291,22 @@ def _tracking_get(uri: str, endpoint: str, timeout: float = 5.0, **query: str) -
 
 def mlflow_run_url(uri: str, run_id: str, timeout: float = 5.0) -> str:
     """The MLflow UI page of a run (its experiment looked up through the tracking API)."""
-    base, _ = mlflow_ui(uri)
     try:
         experiment = _tracking_get(uri, "runs/get", timeout, run_id=run_id)["run"]["info"]["experiment_id"]
-        return f"{base}/#/experiments/{experiment}/runs/{run_id}"
+        return ui_url(uri, f"experiments/{experiment}/runs/{run_id}")
     except Exception:  # server unreachable or auth in front of it: the run-only route redirects in the UI
-        return f"{base}/#/runs/{run_id}"
+        return ui_url(uri, f"runs/{run_id}")
 
 
 def mlflow_links(uri: str, run_id: str | None = None, model: str | None = None,
                  version: str | None = None) -> list[tuple[str, str]]:
     """(text, URL) of the MLflow UI pages a flow run made: the registered version, the run that made it (else
     `run_id`) and the logged model it is. Looked up through the tracking API; what cannot be is left out."""
-    base, _ = mlflow_ui(uri)
     links: list[tuple[str, str]] = []
     model_id = None
     try:
         if model and version:
-            links.append((f"registered model {model} version {version}", f"{base}/#/models/{model}/versions/{version}"))
+            links.append((f"registered model {model} version {version}", version_url(uri, model, version)))
             mv = _tracking_get(uri, "model-versions/get", name=model, version=str(version))["model_version"]
             run_id = mv.get("run_id") or run_id
             if str(mv.get("source", "")).startswith("models:/m-"):
@@ -318,9 +316,9 @@ def mlflow_links(uri: str, run_id: str | None = None, model: str | None = None,
             experiment = run["info"]["experiment_id"]
             stage = {t["key"]: t["value"] for t in run.get("data", {}).get("tags", [])}.get("stage", "source")
             links.append((f"{stage} run {run['info'].get('run_name', '')} ({run_id})",
-                          f"{base}/#/experiments/{experiment}/runs/{run_id}"))
+                          ui_url(uri, f"experiments/{experiment}/runs/{run_id}")))
             if model_id:
-                links.append((f"logged model {model_id}", f"{base}/#/experiments/{experiment}/models/{model_id}"))
+                links.append((f"logged model {model_id}", ui_url(uri, f"experiments/{experiment}/models/{model_id}")))
     except Exception:  # noqa: BLE001 - a link is a convenience; the flow's result does not depend on it
         pass
     return links
@@ -345,7 +343,7 @@ def publish_mlflow_link(root: Path, run_id: str | None) -> bool:
         create_link_artifact(mlflow_run_url(uri, run_id), link_text=f"MLflow training run {run_id}", key=key,
                              description="The training run in the MLflow UI")
         return True
-    links = mlflow_links(uri, run_id=run_id) or [(f"training run {run_id}", f"{LOCAL_UI}/#/runs/{run_id}")]
+    links = mlflow_links(uri, run_id=run_id) or [(f"training run {run_id}", ui_url(uri, f"runs/{run_id}"))]
     create_markdown_artifact(f"# MLflow training run `{run_id}`\n\n" + links_markdown(uri, links), key=key,
                              description="How to open the training run in MLflow")
     return True

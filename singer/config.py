@@ -290,8 +290,8 @@ class TrackingConfig(Section):
     # checkpoints kept in MLflow per run: None keeps every one; N deletes all but the newest N (where the
     # artifact store can delete; where it cannot, every one is kept and a warning says so)
     checkpoint_retention: int | None = Field(None, ge=1)
-    # the training run copies models/<variant>/ into its artifacts (false: not; at paper scale that is 10 GB a
-    # run, and `singer register` logs the folder as the pyfunc model anyway)
+    # the training run logs models/<variant>/ as its MLflow logged model, the one `singer register` registers
+    # (false: not; at paper scale that is 10 GB a run, and `singer register` then logs the folder itself)
     log_model: bool = True
 
 

@@ -133,7 +133,9 @@ def test_registry_to_training_run_is_one_click_each(released, tmp_path):
     # the experiment is model training, and the CLI says where the version is in the UI
     experiment = client.get_experiment(train_run.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
-    assert f"http://127.0.0.1:5000/#/models/singer/versions/{version.version}" in registered
+    # (in the UI's model-training mode: MLflow 3.17's UI opens in GenAI mode whatever the experiment's kind)
+    assert (f"http://127.0.0.1:5000/#/models/singer/versions/{version.version}?workflowType=machine_learning"
+            in registered)
 
 
 @pytest.mark.slow
@@ -144,7 +146,8 @@ def test_flow_artifact_links_point_at_the_version_run_and_model(released):
     uri = f"sqlite:///{repo / 'mlflow.db'}"
     trained = json.loads((repo / "metrics" / "train.json").read_text())
     links = dict((text.split(" ")[0], url) for text, url in mlflow_links(uri, model="singer", version="1"))
-    assert links["registered"] == "http://127.0.0.1:5000/#/models/singer/versions/1"
-    assert links["train"].endswith(f"/runs/{trained['mlflow_run_id']}")
-    assert links["logged"].endswith(f"/models/{trained['mlflow_model_id']}")
+    mode = "?workflowType=machine_learning"
+    assert links["registered"] == f"http://127.0.0.1:5000/#/models/singer/versions/1{mode}"
+    assert links["train"].endswith(f"/runs/{trained['mlflow_run_id']}{mode}")
+    assert links["logged"].endswith(f"/models/{trained['mlflow_model_id']}{mode}")
     assert "mlflow ui --backend-store-uri" in links_markdown(uri, list(links.items()))
