@@ -59,7 +59,8 @@ def released(tiny_project, tmp_path_factory):
             if not (repo / path).exists():
                 (repo / path).write_text("{}\n")
     _run(["dvc", "commit", "-f", "-q", "ingest", "clip", "crop", "split"], repo)
-    (repo / ".gitignore").write_text("/data/\n/mlflow.db\n/mlartifacts/\n/checkpoints/\n/.dvc-site-cache/\n")
+    ignored = ("data", "mlflow.db", "mlartifacts", "checkpoints", ".dvc-site-cache")  # at the repository's root
+    (repo / ".gitignore").write_text("".join(f"/{name}\n" for name in ignored))
     _run(["git", "add", "-A"], repo)
     _run(["git", "commit", "-q", "-m", "the code the model is trained with"], repo)
     commit = _run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
