@@ -4,15 +4,12 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
+from dvc_project import make_project, run
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -233,44 +230,15 @@ def test_written_report_holds_the_runs_numbers(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------ dvc repro ablate
 
 
-def _run(cmd, cwd, check=True):
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-           "DVC_SITE_CACHE_DIR": str(cwd / ".dvc-site-cache"), "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
-    env.pop("MLFLOW_RUN_ID", None)
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
 @pytest.mark.slow
 def test_dvc_repro_ablate_trains_evaluates_and_reports(tiny_project, tmp_path):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in ("dvc.yaml", ".dvcignore"):
-        shutil.copy(ROOT / name, repo / name)
-    for name in ("singer", "infra"):
-        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(tiny_project / "data", repo / "data")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["train"].update({"steps": 2, "batch_size": 1, "checkpoint_every": 2, "validate_every": 0})
-    params["evaluate"].update({"max_clips": 1, "inference_steps": 2, "identity_max_frames": 2, "cpbd_every": 10,
-                               "num_workers": 0})
-    params["ablate"].update({"variants": ["full", "no_both"], "seeds": [0], "sample_videos": 0, "steps": 2,
-                             "max_clips": 1, "inference_steps": 2})
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _run(["git", "init", "-q"], repo)
-    _run(["dvc", "init", "-q"], repo)
-    # the data stages' outputs are already there (the session corpus): record them instead of rerunning;
-    # their reports and counts are not what this test is about
-    for stage in ("ingest", "clip", "crop", "split"):
-        for path in (f"reports/{stage}.validation.json", f"reports/{stage}.validation.md", f"metrics/{stage}.json"):
-            (repo / path).parent.mkdir(exist_ok=True)
-            if not (repo / path).exists():
-                (repo / path).write_text("{}\n")
-    _run(["dvc", "commit", "-f", "-q", "ingest", "clip", "crop", "split"], repo)
+    repo = make_project(tiny_project, tmp_path / "repo", {
+        "train": {"steps": 2, "batch_size": 1, "checkpoint_every": 2, "validate_every": 0},
+        "evaluate": {"max_clips": 1, "inference_steps": 2, "identity_max_frames": 2, "cpbd_every": 10, "num_workers": 0},
+        "ablate": {"variants": ["full", "no_both"], "seeds": [0], "sample_videos": 0, "steps": 2, "max_clips": 1,
+                   "inference_steps": 2}})
 
-    out = _run(["dvc", "repro", "ablate"], repo)
+    out = run(["dvc", "repro", "ablate"], repo)
     ran = [line for line in out.stdout.splitlines() if line.startswith("Running stage")]
     assert [r.split("'")[1] for r in ran] == ["ablate-run@full-0", "ablate-run@no_both-0", "ablate"]
     for name in ("full-s0", "no_both-s0"):
@@ -288,7 +256,7 @@ def test_dvc_repro_ablate_trains_evaluates_and_reports(tiny_project, tmp_path):
     assert ssim["n"] == 1 and -1.0 <= ssim["mean"] <= 1.0
     repo_cfg = load_config(repo / "params.yaml")
 
-    shown = _run(["dvc", "metrics", "show", "--json"], repo).stdout
+    shown = run(["dvc", "metrics", "show", "--json"], repo).stdout
     assert "ablation.json" in shown
 
     import mlflow
@@ -314,5 +282,5 @@ def test_dvc_repro_ablate_trains_evaluates_and_reports(tiny_project, tmp_path):
         assert "loss" in child.data.metrics and np.isfinite(child.data.metrics["loss"])
     assert any(a.path == "ablation" for a in client.list_artifacts(parents[0].info.run_id))
 
-    again = _run(["dvc", "repro", "ablate"], repo)
+    again = run(["dvc", "repro", "ablate"], repo)
     assert "Running stage" not in again.stdout

@@ -7,67 +7,31 @@ from and leave unmeasured metrics out (their reasons in one tag)."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-           "DVC_SITE_CACHE_DIR": str(cwd / ".dvc-site-cache"), "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@example.com"}
-    env.pop("MLFLOW_RUN_ID", None)
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
+from dvc_project import make_project, run
 
 
 @pytest.fixture(scope="module")
 def released(tiny_project, tmp_path_factory):
     """A git + DVC copy of the project whose train and evaluate stages ran, then register and release."""
-    repo = tmp_path_factory.mktemp("lineage") / "repo"
-    repo.mkdir()
-    for name in ("dvc.yaml", ".dvcignore"):
-        shutil.copy(ROOT / name, repo / name)
-    for name in ("singer", "infra"):
-        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(tiny_project / "data", repo / "data")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["train"].update({"steps": 2, "batch_size": 1, "checkpoint_every": 2, "validate_every": 2,
-                            "validate_frames": 8, "validate_inference_steps": 1})
-    params["evaluate"].update({"max_clips": 1, "inference_steps": 1, "identity_max_frames": 2, "cpbd_every": 10,
-                               "num_workers": 0, "sample_videos": 1})
-    # two steps draw no face yet, so lmd / mouth_correlation are unavailable: the release gate may not require
-    # them here (that refusal is tests/test_registry.py's)
-    params["release"]["require_metrics"] = []
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _run(["git", "init", "-q"], repo)
-    _run(["dvc", "init", "-q"], repo)
-    for stage in ("ingest", "clip", "crop", "split"):  # the session corpus is their output: record, not rerun
-        for path in (f"reports/{stage}.validation.json", f"reports/{stage}.validation.md", f"metrics/{stage}.json"):
-            (repo / path).parent.mkdir(exist_ok=True)
-            if not (repo / path).exists():
-                (repo / path).write_text("{}\n")
-    _run(["dvc", "commit", "-f", "-q", "ingest", "clip", "crop", "split"], repo)
+    repo = make_project(tiny_project, tmp_path_factory.mktemp("lineage") / "repo", {
+        "train": {"steps": 2, "batch_size": 1, "checkpoint_every": 2, "validate_every": 2, "validate_frames": 8,
+                  "validate_inference_steps": 1},
+        "evaluate": {"max_clips": 1, "inference_steps": 1, "identity_max_frames": 2, "cpbd_every": 10,
+                     "num_workers": 0, "sample_videos": 1},
+        # two steps draw no face yet, so lmd / mouth_correlation are unavailable: the release gate may not
+        # require them here (that refusal is tests/test_registry.py's)
+        "release": {"require_metrics": []}})
     ignored = ("data", "mlflow.db", "mlartifacts", "checkpoints", ".dvc-site-cache")  # at the repository's root
     (repo / ".gitignore").write_text("".join(f"/{name}\n" for name in ignored))
-    _run(["git", "add", "-A"], repo)
-    _run(["git", "commit", "-q", "-m", "the code the model is trained with"], repo)
-    commit = _run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
-    _run(["dvc", "repro", "train", "evaluate"], repo)
-    done = _run(["singer", "register"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-q", "-m", "the code the model is trained with"], repo)
+    commit = run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
+    run(["dvc", "repro", "train", "evaluate"], repo)
+    done = run(["singer", "register"], repo)
     registered = done.stdout + done.stderr  # the console writes to stderr
-    _run(["singer", "release"], repo)
+    run(["singer", "release"], repo)
     return repo, commit, registered
 
 
