@@ -1,6 +1,10 @@
 """The Ray side of `singer evaluate` (`runner.run_clips` decides serial or this): start or join Ray, a pool of
 `ClipEvaluator` actors (networks loaded once per worker), and the driver's own worker when the Ray is local
 and ours; clips go to whichever worker is free. Start-up timings go into `stats` (benchmarks/evaluate.py).
+
+A worker that dies (its process, or its node: a SIGKILLed raylet, a preempted machine) loses only the clip it
+held: that clip goes back to the queue for the workers left (`stats["resubmitted"]`), and a clip's result is
+kept only once, when a worker returns it. A clip whose own evaluation raises stops the run, as before.
 """
 
 from __future__ import annotations
@@ -14,6 +18,16 @@ from typing import Any
 from singer.config import Config
 
 WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def _lost_worker_errors() -> tuple[type[BaseException], ...]:
+    """Ray's errors for a worker process or node that went away (not for a clip that failed): its clip is
+    given to another worker. An actor on a dead node raises ActorDiedError / ActorUnavailableError; a
+    result held by that node, ObjectLostError (and its subclasses)."""
+    from ray import exceptions
+
+    names = ("RayActorError", "ActorUnavailableError", "ObjectLostError", "NodeDiedError", "WorkerCrashedError")
+    return tuple(getattr(exceptions, n) for n in names if hasattr(exceptions, n))
 NICENESS_VAR = "RAY_worker_niceness"  # RayConfig worker_niceness (Ray's default: 15)
 
 
@@ -121,6 +135,7 @@ def run_ray(evaluator_cls, cfg: Config, clips: list[dict], keep: set[int], threa
     import ray
 
     stats["mode"] = "ray"
+    LOST_WORKER = _lost_worker_errors()  # noqa: N806 - a constant of this call (ray is imported lazily)
     lock = threading.Lock()
     queue = list(clips)
 
@@ -154,8 +169,9 @@ def run_ray(evaluator_cls, cfg: Config, clips: list[dict], keep: set[int], threa
         # that would otherwise wait behind an actor's start
         pending: dict[Any, Any] = {a.info.remote(): a for a in pool}
         starting = set(pending)
+        clip_of: dict[Any, dict] = {}  # evaluate call -> its clip, to give it back when the worker is lost
         free: list = []
-        stats["startup"] = []
+        stats["startup"], stats["resubmitted"], lost = [], [], 0
         # until every clip is scored: an actor still starting when nothing is left for it is not waited for
         while any(r not in starting for r in pending) or (queue and pending):
             if local is not None:
@@ -163,19 +179,34 @@ def run_ray(evaluator_cls, cfg: Config, clips: list[dict], keep: set[int], threa
             done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
             for ref in done:
                 actor = pending.pop(ref)
+                clip = clip_of.pop(ref, None)
+                try:
+                    value = ray.get(ref)  # the clip's own errors (RayTaskError) surface here, once
+                except LOST_WORKER as exc:  # its process or node died: the clip goes back, the actor is dropped
+                    lost += 1
+                    if clip is not None:
+                        with lock:
+                            queue.insert(0, clip)
+                        stats["resubmitted"].append({"clip": clip["clip_id"], "error": type(exc).__name__})
+                    continue
                 if ref in starting:
-                    stats["startup"].append(ray.get(ref))  # load errors surface here, once
+                    stats["startup"].append(value)
                     if len(stats["startup"]) == len(pool):
                         stats["actors_ready_seconds"] = time.perf_counter() - t0
                         warm.join()
                         stats["warm_up_seconds"] = warm.seconds
                 else:
-                    rows.append(ray.get(ref))
+                    rows.append(value)
                     bar.update(1)
                 free.append(actor)
             while free and (clip := take()) is not None:
                 actor = free.pop(0)
-                pending[actor.evaluate.remote(clip, clip["index"] in keep)] = actor
+                ref = actor.evaluate.remote(clip, clip["index"] in keep)
+                pending[ref], clip_of[ref] = actor, clip
+        stats["workers_lost"] = lost
+        if queue and local is None:
+            raise RuntimeError(f"every Ray worker was lost ({lost}); {len(queue)} clip(s) not scored: "
+                               f"{', '.join(c['clip_id'] for c in queue[:5])}")
         if local is not None:
             local.thread.join()
             local.check()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -161,17 +162,23 @@ def metric_bars(df, names: list[str], path: Path) -> Path:
     return write_png_atomic(path, fig)
 
 
-def timings_summary(rows: list[dict], seconds: float) -> dict[str, Any]:
+def timings_summary(rows: list[dict], seconds: float, fanout: dict | None = None) -> dict[str, Any]:
+    """Where the time went, and where the clips went: `clips_per_node` (Ray node id, or "local"), and from the
+    fan-out (`fanout`: run_clips' stats) its mode, the workers lost and the clips given to another worker."""
     keys = sorted({k for r in rows for k in r["timings"]})
+    nodes = Counter(str((r.get("worker") or {}).get("node", "local")) for r in rows)
+    fanout = fanout or {}
     return {"seconds_total": seconds, "n_clips": len(rows),
             "seconds_per_clip_mean": {k: float(np.mean([r["timings"][k] for r in rows if k in r["timings"]]))
-                                      for k in keys}}
+                                      for k in keys},
+            "mode": fanout.get("mode"), "clips_per_node": dict(sorted(nodes.items())),
+            "workers_lost": int(fanout.get("workers_lost", 0)), "resubmitted": list(fanout.get("resubmitted", []))}
 
 
 def write_outputs(cfg: Config, rows: list[dict], set_level: dict[str, Any], seconds: float = 0.0, *,
-                  eval_json: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Write everything (the summary to `eval_json`, which the runner names); returns (eval.json's content,
-    {name: path or [paths]})."""
+                  eval_json: str | os.PathLike, fanout: dict | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Write everything (the summary to `eval_json`, which the runner names; `fanout`, run_clips' stats, into
+    timings.json); returns (eval.json's content, {name: path or [paths]})."""
     from singer.media.sample_video import write_mouth_plot, write_sample_video
 
     out = Path(cfg.evaluate.out_dir)
@@ -188,7 +195,7 @@ def write_outputs(cfg: Config, rows: list[dict], set_level: dict[str, Any], seco
         "per_metric_csv": _csv_atomic(out / "plots" / "per_metric.csv", per_metric),
         "mouth_curves_png": mouth_plot(curves, out / "plots" / "mouth_curves.png"),
         "per_metric_png": metric_bars(df, [n for n in names if n not in set_level], out / "plots" / "per_metric.png"),
-        "timings": write_json_atomic(out / "timings.json", timings_summary(rows, seconds)),
+        "timings": write_json_atomic(out / "timings.json", timings_summary(rows, seconds, fanout)),
     }
     samples, plots = [], []
     (out / "samples").mkdir(parents=True, exist_ok=True)  # a declared DVC output, even with no sample videos

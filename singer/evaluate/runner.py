@@ -249,7 +249,7 @@ class ClipEvaluator:
             "i3d_fake": i3d_fake,
             "fvd_reason": self.i3d_reason,
             # not an output: where the time went (the benchmark); cpu < wall means the process waited for a core
-            "worker": {"pid": os.getpid(), "start": began, "end": time.time(),
+            "worker": {"pid": os.getpid(), "node": _node_id(), "start": began, "end": time.time(),
                        "cpu_seconds": time.process_time() - cpu_began},
         }
         if keep_frames:
@@ -329,6 +329,18 @@ def set_metrics(cfg: Config, rows: list[dict]) -> dict[str, Any]:
     return out
 
 
+def _node_id() -> str:
+    """The Ray node this process runs on (its hex id), or "local" outside Ray."""
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    return "local"
+
+
 def eval_json_path(cfg: Config) -> Path:
     """`metrics/eval.json` (`metrics/<variant>-eval.json` for an ablation variant, as train names its json)."""
     from singer.release.lineage import stage_json
@@ -362,10 +374,11 @@ def run_evaluate(cfg: Config, progress: bool = True) -> dict:
     started = time.perf_counter()
     with tracking.start_run(cfg, "evaluate", tags=tags, data_paths=[cfg.paths.split, ec.model_dir],
                             run_name=f"evaluate-{cfg.train.variant}") as run:
-        rows = run_clips(cfg, clips, keep=keep, progress=progress)
+        stats: dict[str, Any] = {}
+        rows = run_clips(cfg, clips, keep=keep, progress=progress, stats=stats)
         set_level = set_metrics(cfg, rows)
         summary, paths = report.write_outputs(cfg, rows, set_level, seconds=time.perf_counter() - started,
-                                              eval_json=eval_json_path(cfg))
+                                              eval_json=eval_json_path(cfg), fanout=stats)
         report.log_to_mlflow(summary, paths, model_id=trained.get("mlflow_model_id"))
         if run is not None:
             summary["mlflow_run_id"] = run.info.run_id

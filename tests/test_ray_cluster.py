@@ -1,0 +1,176 @@
+"""Evaluation on a Ray cluster, the way a cluster runs it: a head started with `ray start --head` (no CPUs of its
+own) and two worker nodes joined with `ray start --address` (one CPU and a resource of their own each), all on
+127.0.0.1 with their own temp dir and ports; `singer evaluate` with `RAY_ADDRESS` pointing at the head.
+
+- Both nodes score clips, and the per-clip values equal a serial run's (each clip is seeded by its index).
+- SIGKILL of one node's raylet while it holds a clip: the evaluation still finishes, every clip scored once; the
+  lost clip went to the other node (timings.json: `workers_lost`, `resubmitted`, `clips_per_node`).
+Every process the test starts is stopped, and no port stays bound.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+
+BIN = Path(sys.executable).parent
+NODES = ("node_a", "node_b")
+METRICS = ["ssim", "psnr", "lmd", "mouth_correlation"]
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _ray(args: list[str], env: dict) -> None:
+    done = subprocess.run([str(BIN / "ray"), *args], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+def _raylet(node: str) -> psutil.Process:
+    """The raylet of the worker node with custom resource `node` (its resource list is on its command line)."""
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if "raylet" in (proc.info["name"] or "") and f"static_resource_list={node}," in cmd:
+            return proc
+    raise AssertionError(f"no raylet for {node}")
+
+
+def _scoring(raylet: psutil.Process) -> bool:
+    """Whether an actor of this raylet is inside `ClipEvaluator.evaluate` (Ray sets the process title)."""
+    try:
+        return any("ClipEvaluator.evaluate" in " ".join(c.cmdline()) for c in raylet.children(recursive=True))
+    except psutil.Error:
+        return False
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """(RAY_ADDRESS, the environment for `ray` and `singer`): head + 2 worker nodes; stopped afterwards."""
+    temp = Path(tempfile.mkdtemp(prefix="ray"))  # short: Ray's socket paths must stay under 108 bytes
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    before = {p.pid for p in psutil.process_iter()}
+    gcs, *ports = _free_ports(16)
+    address = f"127.0.0.1:{gcs}"
+
+    def node_ports():
+        a, b, c, d, e = ports.pop(), ports.pop(), ports.pop(), ports.pop(), ports.pop()
+        return ["--dashboard-agent-listen-port", str(a), "--dashboard-agent-grpc-port", str(b),
+                "--metrics-export-port", str(c), "--runtime-env-agent-port", str(d), "--node-manager-port", str(e)]
+
+    try:
+        _ray(["start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs), "--num-cpus", "0",
+              "--include-dashboard", "false", "--temp-dir", str(temp), "--disable-usage-stats", *node_ports()], env)
+        for node in NODES:
+            _ray(["start", "--address", address, "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
+                  "--resources", json.dumps({node: 1}), "--disable-usage-stats", *node_ports()[:8]], env)
+        yield address, env
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        # this cluster's processes name its session folder (under `temp`) on their command line; a Ray another
+        # test started meanwhile does not
+        started = [p for p in psutil.process_iter(["cmdline"]) if p.pid not in before
+                   and str(temp) in " ".join(p.info["cmdline"] or [])]
+        for p in started:
+            p.kill()
+        shutil.rmtree(temp, ignore_errors=True)
+        assert not started, f"ray stop left {len(started)} processes: {[p.pid for p in started]}"
+        assert all(_bindable(p) for p in (gcs,)), "the head's port is still bound"
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _evaluate(project: Path, env: dict, out: str, workers: int = 2, **extra: str) -> subprocess.Popen:
+    cmd = [str(BIN / "singer"), "evaluate", "--no-progress", "-S", "evaluate.max_clips=null", "-S",
+           "evaluate.inference_steps=1", "-S", "evaluate.identity_max_frames=2", "-S", "evaluate.cpbd_every=25",
+           "-S", "evaluate.sample_videos=0", "-S", f"evaluate.out_dir={out}", "-S", f"evaluate.num_workers={workers}"]
+    return subprocess.Popen(cmd, cwd=project, env={**env, **extra}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, timeout: float = 400) -> str:
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        raise AssertionError(f"singer evaluate did not finish in {timeout} s:\n{output[-3000:]}") from None
+    assert proc.returncode == 0, output[-3000:]
+    return output
+
+
+@pytest.fixture
+def project(tiny_project, tmp_path, model_dir):
+    """The tiny project with an (untrained) model, every clip of the corpus in its test split (6 clips)."""
+    dest = tmp_path / "project"
+    shutil.copytree(tiny_project, dest, symlinks=True)
+    shutil.copytree(model_dir, dest / "models" / "full")
+    split = dest / "data" / "split"
+    clips = (split / "train.txt").read_text().split() + (split / "test.txt").read_text().split()
+    (split / "test.txt").write_text("\n".join(clips) + "\n")
+    return dest
+
+
+def _per_clip(project: Path, out: str) -> pd.DataFrame:
+    return pd.read_parquet(project / out / "per_clip.parquet").set_index("clip_id")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_evaluation_spreads_over_the_nodes_and_survives_losing_one(cluster, project):
+    address, env = cluster
+    env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    _finish(_evaluate(project, env, "eval-serial", workers=0))  # in this process, one clip after another
+    on_cluster = _finish(_evaluate(project, env, "eval-cluster", RAY_ADDRESS=address))
+    timings = json.loads((project / "eval-cluster" / "timings.json").read_text())
+    assert timings["mode"] == "ray" and timings["workers_lost"] == 0, on_cluster[-2000:]
+    nodes = timings["clips_per_node"]
+    assert len(nodes) == 2 and sum(nodes.values()) == 6 and min(nodes.values()) >= 1, nodes  # both nodes worked
+    pd.testing.assert_frame_equal(_per_clip(project, "eval-cluster")[METRICS],
+                                  _per_clip(project, "eval-serial")[METRICS], rtol=1e-5)
+
+    # lose node_b while it holds a clip: the clip goes to node_a, and every clip is scored once
+    running = _evaluate(project, env, "eval-lost", RAY_ADDRESS=address)
+    raylet = _raylet("node_b")
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not _scoring(raylet):  # Ray titles a busy actor "ray::Class.method"
+        time.sleep(0.2)
+    assert _scoring(raylet), "node_b's evaluator never started a clip"
+    time.sleep(1.0)
+    raylet.send_signal(signal.SIGKILL)
+    output = _finish(running)
+    timings = json.loads((project / "eval-lost" / "timings.json").read_text())
+    df = _per_clip(project, "eval-lost")
+    assert sorted(df.index) == sorted(_per_clip(project, "eval-serial").index) and df.index.is_unique
+    assert timings["workers_lost"] >= 1 and len(timings["resubmitted"]) >= 1, output[-2000:]
+    assert sum(timings["clips_per_node"].values()) == 6
+    pd.testing.assert_frame_equal(df[METRICS], _per_clip(project, "eval-serial")[METRICS], rtol=1e-5)
+    print(f"clips per node {nodes}; after the kill {timings['clips_per_node']}, workers lost "
+          f"{timings['workers_lost']}, resubmitted {timings['resubmitted']}")
