@@ -64,7 +64,7 @@ def _scoring(raylet: psutil.Process) -> bool:
 
 
 @pytest.fixture
-def cluster(tmp_path):
+def cluster():
     """(RAY_ADDRESS, the environment for `ray` and `singer`): head + 2 worker nodes; stopped afterwards."""
     temp = Path(tempfile.mkdtemp(prefix="ray"))  # short: Ray's socket paths must stay under 108 bytes
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -95,7 +95,7 @@ def cluster(tmp_path):
             p.kill()
         shutil.rmtree(temp, ignore_errors=True)
         assert not started, f"ray stop left {len(started)} processes: {[p.pid for p in started]}"
-        assert all(_bindable(p) for p in (gcs,)), "the head's port is still bound"
+        assert _bindable(gcs), "the head's port is still bound"
 
 
 def _bindable(port: int) -> bool:

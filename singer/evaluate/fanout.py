@@ -18,6 +18,7 @@ from typing import Any
 from singer.config import Config
 
 WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+NICENESS_VAR = "RAY_worker_niceness"  # RayConfig worker_niceness (Ray's default: 15)
 
 
 def _lost_worker_errors() -> tuple[type[BaseException], ...]:
@@ -28,7 +29,6 @@ def _lost_worker_errors() -> tuple[type[BaseException], ...]:
 
     names = ("RayActorError", "ActorUnavailableError", "ObjectLostError", "NodeDiedError", "WorkerCrashedError")
     return tuple(getattr(exceptions, n) for n in names if hasattr(exceptions, n))
-NICENESS_VAR = "RAY_worker_niceness"  # RayConfig worker_niceness (Ray's default: 15)
 
 
 def _init_ray(num_workers: int) -> bool:
@@ -135,7 +135,7 @@ def run_ray(evaluator_cls, cfg: Config, clips: list[dict], keep: set[int], threa
     import ray
 
     stats["mode"] = "ray"
-    LOST_WORKER = _lost_worker_errors()  # noqa: N806 - a constant of this call (ray is imported lazily)
+    lost_worker = _lost_worker_errors()
     lock = threading.Lock()
     queue = list(clips)
 
@@ -182,7 +182,7 @@ def run_ray(evaluator_cls, cfg: Config, clips: list[dict], keep: set[int], threa
                 clip = clip_of.pop(ref, None)
                 try:
                     value = ray.get(ref)  # the clip's own errors (RayTaskError) surface here, once
-                except LOST_WORKER as exc:  # its process or node died: the clip goes back, the actor is dropped
+                except lost_worker as exc:  # its process or node died: the clip goes back, the actor is dropped
                     lost += 1
                     if clip is not None:
                         with lock:

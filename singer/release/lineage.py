@@ -138,7 +138,6 @@ def data_hash(paths: Iterable[str | os.PathLike], dvc_lock: str | os.PathLike | 
     return h.hexdigest()
 
 
-
 # ------------------------------------------------------------------------------------------- stage records
 
 
