@@ -11,6 +11,8 @@
   it was last started (an earlier test may have restarted it).
 - `s3_bucket` (function): a fresh, empty bucket on it; yields its name.
 - `model_dir` (module): an untrained tiny model folder, saved as `singer train` saves one.
+- `tiny_project` (session), `project_copy`, `retrain_repo`: the tiny synthetic corpus through split; a private
+  copy as the working directory with its own MLflow store; that copy as a git + DVC repository (data.dvc).
 - Telemetry and network look-ups of the stack are turned off for the whole session (see `QUIET_ENV`).
 """
 
@@ -222,3 +224,29 @@ def project_copy(tiny_project, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{dest / 'mlflow.db'}")
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     return dest
+
+
+@pytest.fixture
+def retrain_repo(project_copy):
+    """`project_copy` as a git + DVC repository whose data/raw is tracked by data.dvc (as in this repository),
+    with the code its stages run (singer/, infra/accelerate/)."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    dvc = Path(sys.executable).parent / "dvc"
+    for name in ("params.yaml", "dvc.yaml", ".dvcignore"):
+        shutil.copy(root / name, project_copy / name)
+    shutil.copytree(root / "singer", project_copy / "singer", ignore=shutil.ignore_patterns("__pycache__"),
+                    dirs_exist_ok=True)
+    shutil.copytree(root / "infra" / "accelerate", project_copy / "infra" / "accelerate", dirs_exist_ok=True)
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    for cmd in (["git", "init", "-q"], [str(dvc), "init", "-q"], [str(dvc), "add", "-q", "data/raw"]):
+        subprocess.run(cmd, cwd=project_copy, env=env, check=True, capture_output=True)
+    # the tracking file at the root, like the repository's
+    raw_dvc = (project_copy / "data/raw.dvc").read_text().replace("path: raw", "path: data/raw")
+    (project_copy / "data.dvc").write_text(raw_dvc)
+    (project_copy / "data/raw.dvc").unlink()
+    return project_copy

@@ -43,12 +43,13 @@ def free_port() -> int:
 
 
 class PrefectServer:
-    """`prefect server start` on 127.0.0.1 in its own process group (no UI, no scheduler, no late-runs
-    service: nothing the tests need, and they cost CPU)."""
+    """`prefect server start` on 127.0.0.1 in its own process group, without the UI and the late-runs
+    service (they cost CPU), and without the scheduler unless a test's schedule must fire (`scheduler=True`)."""
 
-    def __init__(self, home: Path, port: int | None = None):
+    def __init__(self, home: Path, port: int | None = None, scheduler: bool = False):
         self.home = Path(home)
         self.port = port or free_port()
+        self.scheduler = scheduler
         self.process: subprocess.Popen | None = None
         self.log = self.home / "server.log"
 
@@ -61,7 +62,7 @@ class PrefectServer:
         env = {**os.environ, **QUIET, "PREFECT_HOME": str(self.home)}
         env.pop("PREFECT_API_URL", None)
         cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(self.port),
-               "--no-ui", "--no-scheduler", "--no-late-runs"]
+               "--no-ui", "--scheduler" if self.scheduler else "--no-scheduler", "--no-late-runs"]
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True)

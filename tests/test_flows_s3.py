@@ -16,10 +16,8 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
-import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -270,24 +268,6 @@ def test_missing_bucket_is_not_retried(repo, s3_env, prefect_api):
 
 
 # ------------------------------------------------------------------------------------- whole retrain
-
-
-@pytest.fixture
-def retrain_repo(project_copy) -> Path:
-    """The tiny synthetic project as a git + DVC repository whose data/raw is tracked by data.dvc."""
-    for name in ("params.yaml", "dvc.yaml", ".dvcignore"):
-        shutil.copy(ROOT / name, project_copy / name)
-    shutil.copytree(ROOT / "singer", project_copy / "singer", ignore=shutil.ignore_patterns("__pycache__"),
-                    dirs_exist_ok=True)
-    shutil.copytree(ROOT / "infra" / "accelerate", project_copy / "infra" / "accelerate", dirs_exist_ok=True)
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
-    for cmd in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"], [str(BIN / "dvc"), "add", "-q", "data/raw"]):
-        subprocess.run(cmd, cwd=project_copy, env=env, check=True, capture_output=True)
-    # like the repository: the tracking file at the root
-    raw_dvc = (project_copy / "data/raw.dvc").read_text().replace("path: raw", "path: data/raw")
-    (project_copy / "data.dvc").write_text(raw_dvc)
-    (project_copy / "data/raw.dvc").unlink()
-    return project_copy
 
 
 @pytest.mark.slow
