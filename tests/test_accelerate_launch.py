@@ -262,8 +262,8 @@ def _launch_machines(profile: Path, out: Path, env: dict[str, str], rank_env: di
 @pytest.mark.slow
 def test_two_machines_sync_log_once_and_resume_after_losing_one(tmp_path, template_db):
     """The multi-node profile on two "machines" (two `accelerate launch --machine_rank` process groups on
-    127.0.0.1): gradients synchronised (both ranks end with the weights of the one-machine 2-process run),
-    only rank 0 logs to MLflow; rank 1 dying in step 7 stops both machines (non-zero, within seconds) and a
+    127.0.0.1): gradients synchronised (both ranks end with the weights of the one-machine 2-process run, and,
+    without dropout, with those of one process taking the doubled batch), only rank 0 logs to MLflow; rank 1 dying in step 7 stops both machines (non-zero, within seconds) and a
     relaunch resumes from the step-5 checkpoint to the same weights."""
     import mlflow
 
@@ -289,6 +289,24 @@ def test_two_machines_sync_log_once_and_resume_after_losing_one(tmp_path, templa
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}")
     assert sorted(m.step for m in client.get_metric_history(run_id, "loss")) == list(range(1, 11))
 
+    # without dropout a step depends on the batch alone: 4 rows on each machine, averaged by the all-reduce,
+    # is the step one process takes on the 8 rows (the sums differ in order only). With a constant lr, as
+    # singer.train has: accelerate steps a prepared scheduler once per process, so a decay would run twice
+    # as fast on two machines
+    plain = ("--dropout", "0", "--constant-lr")
+    machines = _launch_machines(profile, tmp_path / "two-no-dropout", _env(tmp_path, db), None, *plain)
+    assert [code for code, _, _ in machines] == [0, 0], machines[0][2][-2000:] + machines[1][2][-2000:]
+    single = subprocess.run([sys.executable, str(TOY), "--out", str(tmp_path / "one-process"), *plain],
+                            env=_env(tmp_path, db), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert json.loads((tmp_path / "one-process" / "rank-0.json").read_text())["world"] == 1
+    c, d = (torch_load(tmp_path / "two-no-dropout" / f"weights-rank{i}.pt") for i in (0, 1))
+    one = torch_load(tmp_path / "one-process" / "weights-rank0.pt")
+    assert max(float((c[k] - d[k]).abs().max()) for k in c) == 0.0
+    doubled_batch = max(float((c[k] - one[k]).abs().max()) for k in c)
+    assert doubled_batch < 1e-5, doubled_batch
+    assert max(float((c[k] - a[k]).abs().max()) for k in c) > 1e-3  # dropout did change the other runs
+
     crashed = _launch_machines(profile, tmp_path / "lost", _env(tmp_path, db), {1: {"TOY_CRASH_AT": "7"}})
     assert [code != 0 for code, _, _ in crashed] == [True, True]
     stopped_within = max(seconds for _, seconds, _ in crashed)
@@ -297,7 +315,8 @@ def test_two_machines_sync_log_once_and_resume_after_losing_one(tmp_path, templa
     for rank in (0, 1):
         info = json.loads((tmp_path / "lost" / f"rank-{rank}.json").read_text())
         assert info["start_step"] == 5 and info["weights_sha256"] == expected
-    print(f"two machines: max parameter difference between ranks {difference}; losing rank 1 in step 7 stopped "
+    print(f"two machines: max parameter difference between ranks {difference}, against one process with the "
+          f"doubled batch (no dropout, constant lr) {doubled_batch:.1e}; losing rank 1 in step 7 stopped "
           f"both after {stopped_within:.1f} s; the relaunch resumed from step 5")
 
 

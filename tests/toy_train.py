@@ -1,10 +1,12 @@
 """A toy training script for the checkpoint, crash/resume and `accelerate launch` tests.
 
-    python tests/toy_train.py --out OUT [--steps 10] [--checkpoint-every 5] [--keep-last 2] [--mlflow]
+    python tests/toy_train.py --out OUT [--steps 10] [--checkpoint-every 5] [--keep-last 2] [--dropout 0.2] [--constant-lr] [--mlflow]
     accelerate launch --config_file infra/accelerate/multi_cpu.yaml tests/toy_train.py --out OUT --mlflow
 
-A small MLP with dropout (so the RNG state matters), Adam (so the optimizer state matters) and a linear
-lr decay (so the scheduler matters), trained on deterministic batches chosen by step number (each rank
+A small MLP with dropout (so the RNG state matters; `--dropout 0` makes a step a pure function of the batch, so
+N ranks match one process that takes the whole global batch, given `--constant-lr` too), Adam (so the optimizer state matters) and a linear
+lr decay (so the scheduler matters; accelerate steps a prepared scheduler once per process per step, so N
+ranks decay N times faster than one process), trained on deterministic batches chosen by step number (each rank
 takes its share of the global batch). Checkpoints go to OUT/checkpoints through singer.train.checkpoint;
 it resumes from the newest one. At the end each rank writes OUT/rank-<i>.json (rank, world size,
 distributed type, start step, weights hash) and OUT/weights-rank<i>.pt.
@@ -50,9 +52,9 @@ def make_data() -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def make_model() -> torch.nn.Module:
+def make_model(dropout: float = 0.2) -> torch.nn.Module:
     return torch.nn.Sequential(
-        torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Dropout(0.2), torch.nn.Linear(16, 1)
+        torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Dropout(dropout), torch.nn.Linear(16, 1)
     )
 
 
@@ -80,6 +82,8 @@ def train(
     lr: float = 0.05,
     crash_at: int | None = None,
     use_mlflow: bool = False,
+    dropout: float = 0.2,
+    constant_lr: bool = False,
 ) -> dict:
     """Train (resuming from OUT/checkpoints when possible); returns {'state_dict', 'start_step', ...}."""
     from accelerate import Accelerator
@@ -93,9 +97,10 @@ def train(
     rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(seed, device_specific=True)  # seed + rank: dropout masks differ per rank, as they should
 
-    model = make_model()
+    model = make_model(dropout)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.1, 1.0 - s / (2.0 * steps)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, (lambda s: 1.0) if constant_lr else (lambda s: max(0.1, 1.0 - s / (2.0 * steps))))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     x, y = make_data()
 
@@ -173,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint-every", type=int, default=5)
     parser.add_argument("--keep-last", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dropout", type=float, default=0.2)
+    parser.add_argument("--constant-lr", action="store_true")
     parser.add_argument("--mlflow", action="store_true")
     args = parser.parse_args(argv)
     crash_at = int(os.environ["TOY_CRASH_AT"]) if os.environ.get("TOY_CRASH_AT") else None
@@ -194,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         args.seed,
         crash_at=crash_at,
         use_mlflow=args.mlflow,
+        dropout=args.dropout,
+        constant_lr=args.constant_lr,
     )
     return 0
 

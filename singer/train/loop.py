@@ -218,6 +218,8 @@ def train(cfg: Config) -> dict:
                         generator=torch.Generator().manual_seed(tc.seed))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=tc.lr, betas=tuple(tc.adam_betas), weight_decay=tc.weight_decay)
+    # constant. A schedule with a shape (warmup, decay) would need its step counts multiplied by the number
+    # of processes: accelerate steps a prepared scheduler once per process per optimizer step
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
 
