@@ -246,5 +246,6 @@ def test_evaluation_spreads_over_the_nodes_and_survives_losing_one(cluster, proj
     assert sorted(finished) == sorted(names[n] for n, count in timings["clips_per_node"].items() for _ in range(count))
     assert lost and lost[0].error_type in ("ACTOR_UNAVAILABLE", "ACTOR_DIED", "NODE_DIED"), attempts
     states = {(names.get(t.node_id, "?"), t.state, t.error_type) for t in attempts}
-    print(f"clips per node {nodes} (state API {by_node}); as a job after the kill {timings['clips_per_node']}, "
-          f"workers lost {timings['workers_lost']}, resubmitted {timings['resubmitted']}; task attempts {states}")
+    after = {names[n]: count for n, count in timings["clips_per_node"].items()}
+    print(f"clips per node {by_node} (state API and timings.json); as a job after the kill {after}, workers lost "
+          f"{timings['workers_lost']}, resubmitted {timings['resubmitted']}; task attempts {states}")
