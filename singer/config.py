@@ -222,6 +222,8 @@ class EvaluateConfig(Section):
     identity_max_frames: int = 8               # dlib embeddings are ~0.25 s a frame
     cpbd_every: int = 1
     i3d_path: str | None = None               # FVD weights (SINGER_I3D_PATH wins when set); absent: unavailable
+    i3d_bn_eps: float | None = None           # None: the weights' format decides (state dict 1e-5, TorchScript its own)
+    fvd_clips_per_video: int | None = 1       # 16-frame clips per video for FVD (the common code: 1); None: all
     syncnet_path: str | None = None           # LSE weights (SINGER_SYNCNET_PATH)
     sample_videos: int = 3                    # side-by-side videos logged to MLflow
     # a control: generate from another test clip's audio (of another subject when there is one) or from

@@ -10,7 +10,7 @@ from singer.evaluate.metrics import fvd as fvd_mod
 from singer.evaluate.metrics import lse as lse_mod
 from singer.evaluate.metrics.fvd import frechet_distance, fvd, fvd_from_features, gaussian_stats
 from singer.evaluate.metrics.lse import lse, lse_from_distances, psf_mfcc, sync_distances
-from singer.evaluate.networks.i3d import InceptionI3d, WeightsUnavailable, load_i3d
+from singer.evaluate.networks.i3d import InceptionI3d, WeightsUnavailable, load_i3d, set_bn_eps
 from singer.evaluate.networks.syncnet import SyncNet, load_syncnet
 
 # --------------------------------------------------------------------------- Fréchet distance
@@ -42,6 +42,26 @@ def test_frechet_identical_sets_is_zero_even_rank_deficient():
         and r.details["rank_deficient"] is True
         and "rank-deficient" in r.reason
     )
+
+
+def test_identical_rank_deficient_sets_are_exactly_zero_apart():
+    """50 clips of 400-d features: covariance rank 49. The symmetric square root gives 0 to rounding; sqrtm
+    of the singular product does not (so this would fail on that path)."""
+    rng = np.random.default_rng(1)
+    feats = rng.normal(size=(50, 400)) * rng.uniform(0.1, 3.0, 400)
+    r = fvd_from_features(feats, feats, bn_eps=1e-5, clips_per_video=1)
+    assert r.status == "ok" and abs(r.value) < 1e-9
+    assert r.details["covariance_rank_real"] == r.details["covariance_rank_fake"] == 49
+    assert r.details["sqrt"] == "symmetric eigendecomposition" and r.details["rank_deficient"] is True
+    assert r.details["bn_eps"] == 1e-5 and r.details["clips_per_video"] == 1
+    mu, sigma = gaussian_stats(feats)
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) > 1e-6  # the sqrtm path's error, for contrast
+    # both paths agree where the answer is not 0, and on full-rank sets sqrtm is kept
+    other = rng.normal(size=(50, 400)) * rng.uniform(0.1, 3.0, 400) + 0.1
+    mu2, sigma2 = gaussian_stats(other)
+    assert fvd_from_features(feats, other).value == pytest.approx(frechet_distance(mu, sigma, mu2, sigma2), rel=1e-6)
+    full = fvd_from_features(rng.normal(size=(500, 8)), rng.normal(size=(500, 8)))
+    assert full.details["sqrt"] == "scipy.linalg.sqrtm" and full.details["covariance_rank_real"] == 8
 
 
 def test_fvd_from_features_grows_with_shift_and_needs_two_clips():
@@ -95,6 +115,10 @@ def test_i3d_loader_roundtrip_and_refusals(tmp_path, monkeypatch):
     loaded = load_i3d(path)
     for k, v in ref.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
+    # a state dict runs at the eps of the code it was converted for (VideoGPT/TATS), unless told otherwise
+    eps = {m.eps for m in loaded.modules() if isinstance(m, torch.nn.BatchNorm3d)}
+    assert eps == {1e-5} and loaded.bn_eps == 1e-5 and ref.bn_eps == 1e-3
+    assert load_i3d(path, bn_eps=1e-3).bn_eps == 1e-3
     monkeypatch.setenv("SINGER_I3D_PATH", str(path))
     assert isinstance(load_i3d(), InceptionI3d)
 
@@ -115,7 +139,9 @@ def test_i3d_torchscript_file_is_accepted(tmp_path):
     path = tmp_path / "i3d_torchscript.pt"
     torch.jit.script(Fake()).save(str(path))
     model = load_i3d(path)
-    assert model(torch.zeros(2, 3, 16, 8, 8)).shape == (2, 400)
+    assert model(torch.zeros(2, 3, 16, 8, 8)).shape == (2, 400) and model.bn_eps is None  # as exported
+    with pytest.raises(ValueError, match="keeps the batch-norm eps"):
+        load_i3d(path, bn_eps=1e-5)
 
 
 def test_fvd_unavailable_without_weights(tmp_path, monkeypatch):
@@ -133,10 +159,34 @@ def test_fvd_end_to_end_with_a_given_model():
     videos = [rng.integers(0, 256, (20, 40, 40, 3), dtype=np.uint8) for _ in range(2)]  # 1 clip each
     model = InceptionI3d(width=0.125).eval()
     same = fvd(videos, videos, model=model)
-    assert same.status == "ok" and abs(same.value) < 1e-3 and same.details["n_clips_real"] == 2
-    assert len(fvd_mod.video_clips(np.zeros((33, 8, 8, 3), np.uint8))) == 2
-    x = fvd_mod.preprocess_clips(fvd_mod.video_clips(np.concatenate([videos[0], videos[1]])))
+    assert same.status == "ok" and abs(same.value) < 1e-9 and same.details["n_clips_real"] == 2
+    long = np.zeros((33, 8, 8, 3), np.uint8)
+    assert len(fvd_mod.video_clips(long)) == 1  # one clip per video, as the common FVD code takes
+    assert len(fvd_mod.video_clips(long, max_clips=None)) == 2
+    x = fvd_mod.preprocess_clips(fvd_mod.video_clips(np.concatenate([videos[0], videos[1]]), max_clips=None))
     assert x.shape == (2, 3, 16, 224, 224) and x.min() >= -1 and x.max() <= 1
+
+
+def test_fvd_moves_with_the_batch_norm_eps(tmp_path):
+    """The same weights through eps 1e-3 (the port, TF) and 1e-5 (VideoGPT/TATS): different features and
+    FVDs, each recording its eps. Running variances of order 1e-3, as trained I3D layers have, make the
+    difference visible."""
+    torch.manual_seed(0)
+    model = InceptionI3d(width=0.125).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.running_var.uniform_(1e-4, 1e-2)
+            m.running_mean.normal_(0, 0.05)
+    rng = np.random.default_rng(4)
+    real = [rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8) for _ in range(3)]
+    fake = [np.clip(v.astype(int) + rng.integers(-40, 40, v.shape), 0, 255).astype(np.uint8) for v in real]
+    results = {}
+    for eps in (1e-3, 1e-5):
+        set_bn_eps(model, eps)
+        results[eps] = fvd(real, fake, model=model)
+        assert results[eps].details["bn_eps"] == eps and results[eps].details["n_clips_fake"] == 3
+    assert results[1e-3].value > 0 and results[1e-5].value > 0
+    assert abs(results[1e-3].value - results[1e-5].value) > 0.01 * results[1e-5].value
 
 
 # --------------------------------------------------------------------------- LSE

@@ -177,6 +177,27 @@ def test_music_beats_on_synthetic_drums():
     assert off.value < aligned.value - 0.3
 
 
+def test_beats_are_analysed_at_bailandos_rate():
+    assert bas_mod.beat_sample_rate(60) == 30720  # Bailando's AIST++ setting: 60 fps, sr 15360 * 2
+    assert bas_mod.beat_sample_rate(25) == 12800 and bas_mod.HOP == 512  # one envelope hop per video frame
+
+
+@pytest.mark.slow  # librosa's numba JIT on first use
+def test_a_beat_on_the_last_frame_does_not_count():
+    """Bailando keeps the music beats before T - 1 (`get_mb(key, length)`, length = the T - 1 velocity
+    samples): a clip that ends on a beat does not score it."""
+    sr, fps = 16000, 25.0
+    planted = np.arange(5, 160, 12)
+    y = _drum_track(sr, 7.0, planted / fps, np.random.default_rng(1))
+    detected = bas_mod.music_beats(y, sr, fps)
+    assert all(np.min(np.abs(planted - f)) <= 1 for f in detected) and len(detected) >= len(planted) - 2
+    last = int(detected[-2])
+    n_frames = last + 1  # the clip's last frame is a beat
+    kept = bas_mod.music_beats(y, sr, fps, n_frames)
+    assert last not in kept and list(kept) == [int(f) for f in detected if f < last]
+    assert last in bas_mod.music_beats(y, sr, fps, n_frames + 1)  # one frame more and it counts
+
+
 # ------------------------------------------------------------------ mouth correlation
 def test_mouth_curve_correlation():
     t = np.linspace(0, 4 * np.pi, 40)

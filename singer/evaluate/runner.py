@@ -128,7 +128,7 @@ class ClipEvaluator:
             from singer.evaluate.networks.i3d import WeightsUnavailable, load_i3d
 
             try:
-                self.i3d = load_i3d(os.environ.get("SINGER_I3D_PATH") or ec.i3d_path)
+                self.i3d = load_i3d(os.environ.get("SINGER_I3D_PATH") or ec.i3d_path, bn_eps=ec.i3d_bn_eps)
             except WeightsUnavailable as exc:
                 self.i3d_reason = str(exc)
         self._datasets: dict[tuple, Any] = {}
@@ -231,8 +231,9 @@ class ClipEvaluator:
             from singer.evaluate.metrics.fvd import i3d_features, video_clips
 
             t0 = time.perf_counter()
-            i3d_real = i3d_features(self.i3d, video_clips(frames))
-            i3d_fake = i3d_features(self.i3d, video_clips(generated))
+            clips = self.cfg.evaluate.fvd_clips_per_video
+            i3d_real = i3d_features(self.i3d, video_clips(frames, max_clips=clips))
+            i3d_fake = i3d_features(self.i3d, video_clips(generated, max_clips=clips))
             timings["fvd_features"] = time.perf_counter() - t0
         truth_curve = truth_mouth if truth_mouth is not None else opening_curve(gt_lm)
         row = {
@@ -248,6 +249,7 @@ class ClipEvaluator:
             "i3d_real": i3d_real,
             "i3d_fake": i3d_fake,
             "fvd_reason": self.i3d_reason,
+            "fvd_bn_eps": getattr(self.i3d, "bn_eps", None),
             # not an output: where the time went (the benchmark); cpu < wall means the process waited for a core
             "worker": {"pid": os.getpid(), "node": _node_id(), "start": began, "end": time.time(),
                        "cpu_seconds": time.process_time() - cpu_began},
@@ -325,7 +327,8 @@ def set_metrics(cfg: Config, rows: list[dict]) -> dict[str, Any]:
     else:
         real = np.concatenate([r["i3d_real"] for r in rows])
         fake = np.concatenate([r["i3d_fake"] for r in rows])
-        out["fvd"] = fvd_from_features(real, fake)
+        out["fvd"] = fvd_from_features(real, fake, bn_eps=rows[0].get("fvd_bn_eps"),
+                                        clips_per_video=cfg.evaluate.fvd_clips_per_video, n_videos=len(rows))
     return out
 
 

@@ -1,11 +1,14 @@
 """BAS, the Beat Align Score of Bailando (Siyao et al. 2022, github.com/lisiyao21/Bailando,
-``utils/metrics_new.py``: ``calc_db`` and ``BA``), with face landmarks in place of body joints.
+``utils/beat_align_score.py``: ``calc_db``, ``get_mb`` and ``BA``; the music beats of its ``_prepro_aistpp.py``
+and ``extractor.py``), with face landmarks in place of body joints.
 
 Definitions used:
-* music beats: ``librosa.effects.percussive`` of the audio, ``librosa.onset.onset_strength(y=perc, sr,
-  hop_length=hop, aggregate=np.median)``, ``librosa.beat.beat_track(onset_envelope=env, sr, hop_length=hop)``
-  with hop = round(sr / fps) samples (one onset frame per video frame); each beat's time
-  (beat_frame * hop / sr) is mapped to the nearest video frame, beats at or after `n_frames` dropped.
+* music beats, as Bailando computes them: the audio resampled to sr = fps * 512 Hz (Bailando: 60 fps,
+  30720 Hz), so that the onset envelope's default hop of 512 samples is one video frame;
+  ``librosa.effects.percussive`` (HPSS, margin 1), ``librosa.onset.onset_strength(y=perc, sr,
+  aggregate=np.median)``, ``librosa.beat.beat_track(onset_envelope=env, sr)``: the beats are envelope frames,
+  i.e. video frames. Only beats before frame T - 1 are kept (Bailando's ``get_mb(key, length)`` with length
+  = the T - 1 velocity samples), so a beat on the last frame does not count.
 * motion beats: kinetic velocity v[i] = mean over the 68 points of |lm[i+1] - lm[i]| (i = 0..T-2, as
   Bailando indexes it), Gaussian-smoothed (``scipy.ndimage.gaussian_filter1d``, sigma 5 frames), motion
   beats = its local minima (``scipy.signal.argrelextrema(v, np.less)``).
@@ -24,6 +27,7 @@ from singer.evaluate.metrics.base import MetricResult, as_landmarks, valid_rows,
 
 SIGMA_FRAMES = 5.0
 BEAT_SIGMA2 = 9.0  # the 9 of exp(-d^2 / 2 / 9)
+HOP = 512  # onset-envelope hop; the audio is resampled to fps * HOP Hz so that one hop is one video frame
 
 
 def bas_from_beats(music_beats, motion_beats) -> float:
@@ -36,21 +40,29 @@ def bas_from_beats(music_beats, motion_beats) -> float:
     return float(np.mean(np.exp(-d2 / 2.0 / BEAT_SIGMA2)))
 
 
+def beat_sample_rate(fps: float) -> int:
+    """The rate Bailando analyses music at for a given frame rate: fps * 512 (12800 Hz at 25 fps)."""
+    return int(round(float(fps) * HOP))
+
+
 def music_beats(audio: np.ndarray, sr: int, fps: float, n_frames: int | None = None) -> np.ndarray:
-    """Beat positions as video frame indices (int array, increasing)."""
+    """Beat positions as video frame indices (int array, increasing); with `n_frames` = T, only those before
+    T - 1 (the frames the T - 1 kinetic-velocity samples cover)."""
     import librosa
 
     warm_up()
     y = np.asarray(audio, np.float32).ravel()
     if y.size == 0:
         return np.zeros(0, int)
-    hop = max(1, int(round(sr / fps)))
+    rate = beat_sample_rate(fps)
+    if int(sr) != rate:
+        y = librosa.resample(y, orig_sr=int(sr), target_sr=rate)
     perc = librosa.effects.percussive(y)
-    env = librosa.onset.onset_strength(y=perc, sr=sr, hop_length=hop, aggregate=np.median)
-    _, beats = librosa.beat.beat_track(onset_envelope=env, sr=sr, hop_length=hop)
-    frames = np.round(np.asarray(beats, np.float64) * hop / sr * fps).astype(int)
+    env = librosa.onset.onset_strength(y=perc, sr=rate, hop_length=HOP, aggregate=np.median)
+    _, beats = librosa.beat.beat_track(onset_envelope=env, sr=rate, hop_length=HOP)
+    frames = np.asarray(beats, int)
     if n_frames is not None:
-        frames = frames[frames < int(n_frames)]
+        frames = frames[frames < int(n_frames) - 1]
     return np.unique(frames)
 
 

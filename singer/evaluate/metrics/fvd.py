@@ -4,17 +4,23 @@ Reference (reference/metrics.md; the StyleGAN-V / common PyTorch FVD code): Kine
 16 frames resized to 224x224 (bilinear, align_corners False) and scaled to [-1, 1]; features are the
 400-d pre-softmax logits (`InceptionI3d.forward`: the final `logits` 1x1x1 conv after the 2x7x7 average
 pool; a TorchScript file is called with ``rescale=False, resize=False, return_features=True``, which
-returns the same logits); mu = mean, sigma = `np.cov(rowvar=False)`; the distance uses
-`scipy.linalg.sqrtm` with pytorch-fid's handling of singular products (eps*I offset) and of tiny
-imaginary parts.
+returns the same logits); mu = mean, sigma = `np.cov(rowvar=False)`.
+
+The matrix square root: with full-rank covariances (more clips than feature dimensions on both sides),
+`scipy.linalg.sqrtm(sigma1 @ sigma2)` with pytorch-fid's handling of singular products (eps*I offset) and of
+tiny imaginary parts. With fewer clips the covariances are rank-deficient and that product's square root is
+ill-conditioned (a set of 50 clips against itself: -9e-5, where 0 is right), so the trace is taken as TF-GAN's
+`trace_sqrt_product` (and VideoGPT's FVD) takes it: Tr sqrt(A^1/2 B A^1/2) with symmetric square roots from
+an eigendecomposition, which is exact for positive semi-definite matrices of any rank.
 
 Weights are the user's (`SINGER_I3D_PATH` or an argument). Without them the result is "unavailable"
-with the reason, never a number from another network. With fewer clips than 401 the 400x400
-covariances are rank-deficient: the clip counts are always reported in `details` (and noted in
-`reason`).
+with the reason, never a number from another network. Batch-norm eps: as `load_i3d` chose it for the
+weights' format (see singer.evaluate.networks.i3d), reported in `details`.
 
-Clips: every video (T, H, W, 3) uint8 RGB gives its non-overlapping 16-frame clips (frames 0-15,
-16-31, ...; `max_clips_per_video` caps it; the common FVD code takes one clip per video, the first).
+Clips: one 16-frame clip per video by default (frames 0-15), as the common FVD code takes them;
+`clips_per_video` = k takes up to k non-overlapping clips (0-15, 16-31, ...), None all of them. More clips
+of the same video are not independent samples, and the estimator's bias over few videos stays. The clip
+counts, the covariance ranks, the eps and the square-root method are always in `details`.
 """
 
 from __future__ import annotations
@@ -36,11 +42,13 @@ FEATURE_DIM = 400
 
 
 def frechet_distance(
-    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6,
+    symmetric: bool = False,
 ) -> float:
     """||mu1 - mu2||² + Tr(sigma1 + sigma2 - 2 sqrt(sigma1 sigma2)).
 
-    As pytorch-fid: `linalg.sqrtm(sigma1 @ sigma2)`; if the result is not finite (singular product),
+    symmetric: the trace by `trace_sqrt_product` (rank-deficient covariances). Otherwise as pytorch-fid:
+    `linalg.sqrtm(sigma1 @ sigma2)`; if the result is not finite (singular product),
     retry with ``eps * I`` added to both covariances; imaginary parts from numerical error are dropped
     (the real part is kept, as StyleGAN-V's FVD does).
     """
@@ -52,6 +60,8 @@ def frechet_distance(
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
         raise ValueError(f"shape mismatch: mu {mu1.shape} {mu2.shape}, sigma {sigma1.shape} {sigma2.shape}")
     diff = mu1 - mu2
+    if symmetric:
+        return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt_product(sigma1, sigma2))
     covmean = _sqrtm(sigma1.dot(sigma2))
     if not np.isfinite(covmean).all():
         offset = np.eye(sigma1.shape[0]) * eps
@@ -61,6 +71,29 @@ def frechet_distance(
         # imaginary residue can exceed pytorch-fid's 1e-3 check without meaning a wrong input.
         covmean = covmean.real
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def _null_to_zero(values: np.ndarray) -> np.ndarray:
+    """Eigenvalues of a PSD matrix with those in its null space (below the rank tolerance of
+    `np.linalg.matrix_rank`: max * n * machine eps) set to 0. A square root would blow that rounding noise up
+    (1e-14 -> 1e-7, summed over hundreds of null directions); TF-GAN leaves values below 1e-10 unrooted for
+    the same reason."""
+    tol = max(float(values.max(initial=0.0)), 0.0) * len(values) * np.finfo(np.float64).eps
+    return np.where(values > tol, values, 0.0)
+
+
+def symmetric_sqrt(a: np.ndarray) -> np.ndarray:
+    """The positive semi-definite square root of a symmetric PSD matrix."""
+    values, vectors = np.linalg.eigh((a + a.T) / 2.0)
+    return (vectors * np.sqrt(_null_to_zero(values))) @ vectors.T
+
+
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """Tr sqrt(sigma1 sigma2) = Tr sqrt(s sigma2 s), s = sigma1^1/2: the second matrix is symmetric PSD, so
+    its root's trace is the sum of the roots of its eigenvalues (TF-GAN `trace_sqrt_product`)."""
+    root = symmetric_sqrt(sigma1)
+    inner = root @ sigma2 @ root
+    return float(np.sqrt(_null_to_zero(np.linalg.eigvalsh((inner + inner.T) / 2.0))).sum())
 
 
 def _sqrtm(a: np.ndarray) -> np.ndarray:
@@ -82,9 +115,10 @@ def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def video_clips(
-    video: np.ndarray, clip_len: int = CLIP_LEN, max_clips: int | None = None
+    video: np.ndarray, clip_len: int = CLIP_LEN, max_clips: int | None = 1
 ) -> list[np.ndarray]:
-    """Non-overlapping `clip_len`-frame clips of a (T, H, W, 3) uint8 video (a shorter video gives none)."""
+    """Up to `max_clips` (None: all) non-overlapping `clip_len`-frame clips of a (T, H, W, 3) uint8 video, from
+    its first frame on (a shorter video gives none)."""
     v = as_video(video)
     n = v.shape[0] // clip_len
     if max_clips is not None:
@@ -116,20 +150,26 @@ def i3d_features(
     return np.concatenate(out, 0) if out else np.zeros((0, FEATURE_DIM))
 
 
-def fvd_from_features(real_features: np.ndarray, fake_features: np.ndarray) -> MetricResult:
-    """FVD of two (N, D) feature sets (any N >= 2 each; rank-deficient below D + 1, noted)."""
+def fvd_from_features(real_features: np.ndarray, fake_features: np.ndarray, **conventions) -> MetricResult:
+    """FVD of two (N, D) feature sets (any N >= 2 each; rank-deficient below D + 1, noted and computed with
+    symmetric square roots). `conventions` (e.g. bn_eps, clips_per_video) go into `details` as given."""
     real, fake = np.asarray(real_features, np.float64), np.asarray(fake_features, np.float64)
     details = {
         "n_clips_real": int(real.shape[0]),
         "n_clips_fake": int(fake.shape[0]),
         "feature_dim": int(real.shape[-1]),
+        **conventions,
     }
     if real.shape[0] < 2 or fake.shape[0] < 2:
         return MetricResult.unavailable("FVD needs at least 2 clips on each side", **details)
-    value = frechet_distance(*gaussian_stats(real), *gaussian_stats(fake))
     dim = real.shape[-1]
     rank_deficient = min(real.shape[0], fake.shape[0]) <= dim
-    details["rank_deficient"] = bool(rank_deficient)
+    (mu_real, sigma_real), (mu_fake, sigma_fake) = gaussian_stats(real), gaussian_stats(fake)
+    value = frechet_distance(mu_real, sigma_real, mu_fake, sigma_fake, symmetric=rank_deficient)
+    details.update(rank_deficient=bool(rank_deficient),
+                   covariance_rank_real=int(np.linalg.matrix_rank(sigma_real)),
+                   covariance_rank_fake=int(np.linalg.matrix_rank(sigma_fake)),
+                   sqrt="symmetric eigendecomposition" if rank_deficient else "scipy.linalg.sqrtm")
     note = None
     if rank_deficient:
         note = (
@@ -144,21 +184,23 @@ def fvd(
     fake_videos: Iterable[np.ndarray],
     i3d_path: str | os.PathLike | None = None,
     model: torch.nn.Module | None = None,
-    max_clips_per_video: int | None = None,
+    clips_per_video: int | None = 1,
     batch_size: int = 4,
+    bn_eps: float | None = None,
 ) -> MetricResult:
     """FVD between real and generated videos ((T, H, W, 3) uint8 RGB each, any size, >= 16 frames).
 
-    `model` (an already loaded I3D) wins over `i3d_path`, which wins over `$SINGER_I3D_PATH`.
-    Unavailable, with the reason, when no weights can be loaded or too few clips exist.
+    `model` (an already loaded I3D) wins over `i3d_path`, which wins over `$SINGER_I3D_PATH`; `bn_eps` is
+    passed to `load_i3d` (None: the weights' format decides). Unavailable, with the reason, when no weights
+    can be loaded or too few clips exist.
     """
     if model is None:
         try:
-            model = load_i3d(i3d_path)
+            model = load_i3d(i3d_path, bn_eps=bn_eps)
         except WeightsUnavailable as exc:
             return MetricResult.unavailable(str(exc), env_var=ENV_VAR)
-    real_clips = [c for v in real_videos for c in video_clips(v, max_clips=max_clips_per_video)]
-    fake_clips = [c for v in fake_videos for c in video_clips(v, max_clips=max_clips_per_video)]
+    real_clips = [c for v in real_videos for c in video_clips(v, max_clips=clips_per_video)]
+    fake_clips = [c for v in fake_videos for c in video_clips(v, max_clips=clips_per_video)]
     if len(real_clips) < 2 or len(fake_clips) < 2:
         return MetricResult.unavailable(
             f"FVD needs at least 2 clips of {CLIP_LEN} frames on each side "
@@ -168,7 +210,8 @@ def fvd(
         )
     model = model.eval()
     return fvd_from_features(
-        i3d_features(model, real_clips, batch_size), i3d_features(model, fake_clips, batch_size)
+        i3d_features(model, real_clips, batch_size), i3d_features(model, fake_clips, batch_size),
+        bn_eps=getattr(model, "bn_eps", None), clips_per_video=clips_per_video,
     )
 
 
@@ -181,5 +224,7 @@ __all__ = [
     "gaussian_stats",
     "i3d_features",
     "preprocess_clips",
+    "symmetric_sqrt",
+    "trace_sqrt_product",
     "video_clips",
 ]

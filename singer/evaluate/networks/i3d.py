@@ -5,7 +5,13 @@ Written for this project; the layer layout and the state-dict names follow the c
 `i3d_pretrained_400.pt` (StyleGAN-V / DIGAN / TATS FVD code). Keys therefore look like
 ``Conv3d_1a_7x7.conv3d.weight``, ``Conv3d_1a_7x7.bn.running_mean``, ``Mixed_3b.b1b.conv3d.weight``,
 ``logits.conv3d.weight`` / ``logits.conv3d.bias``. Convolutions use TensorFlow "SAME" padding computed
-from the input size at run time, batch norm eps 1e-3, as in the port.
+from the input size at run time.
+
+Batch-norm eps moves FVD, and two conventions exist for the same weights: 1e-3 in the piergiaj port (as in
+TensorFlow/Sonnet's I3D), 1e-5 in the VideoGPT/TATS copy of that port, for which `i3d_pretrained_400.pt` was
+converted and which produced most published PyTorch FVDs. The class defaults to the port's 1e-3; `load_i3d`
+gives a state-dict file 1e-5 (what that file was made for) unless told otherwise. A TorchScript file keeps
+the eps it was exported with.
 
 Input: (N, 3, T, 224, 224) in [-1, 1], RGB. `forward` returns the pre-softmax Kinetics logits of the
 final 1x1x1 `logits` convolution after the 2x7x7 average pool, averaged over the remaining time axis
@@ -26,6 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 ENV_VAR = "SINGER_I3D_PATH"
+PORT_BN_EPS = 1e-3  # piergiaj/pytorch-i3d, TF/Sonnet
+STATE_DICT_BN_EPS = 1e-5  # VideoGPT / TATS, the code i3d_pretrained_400.pt was converted for
 
 
 class WeightsUnavailable(RuntimeError):
@@ -56,7 +64,7 @@ class MaxPool3dSame(nn.Module):
 
 
 class Unit3D(nn.Module):
-    """Conv3d (no bias unless asked) + BatchNorm3d(eps 1e-3) + ReLU, SAME padding."""
+    """Conv3d (no bias unless asked) + BatchNorm3d (eps: see the module docstring) + ReLU, SAME padding."""
 
     def __init__(
         self,
@@ -71,7 +79,7 @@ class Unit3D(nn.Module):
         super().__init__()
         self.kernel, self.stride, self.activation = tuple(kernel), tuple(stride), activation
         self.conv3d = nn.Conv3d(in_channels, out_channels, self.kernel, self.stride, padding=0, bias=bias)
-        self.bn = nn.BatchNorm3d(out_channels, eps=0.001, momentum=0.01) if batch_norm else None
+        self.bn = nn.BatchNorm3d(out_channels, eps=PORT_BN_EPS, momentum=0.01) if batch_norm else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv3d(_pad_same(x, self.kernel, self.stride))
@@ -148,6 +156,7 @@ class InceptionI3d(nn.Module):
             channels = module.out_channels
         self.dropout = nn.Dropout(0.5)  # identity in eval mode; kept for parity with the port
         self.logits = Unit3D(channels, num_classes, activation=None, batch_norm=False, bias=True)
+        self.bn_eps = PORT_BN_EPS
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Mixed_5c output (N, 1024, T/8, H/32, W/32)."""
@@ -181,6 +190,8 @@ class TorchScriptI3D(nn.Module):
     """A TorchScript I3D (StyleGAN-V's `i3d_torchscript.pt`), called as the FVD code does:
     ``detector(x, rescale=False, resize=False, return_features=True)`` on [-1, 1] input -> (N, 400)."""
 
+    bn_eps = None  # as exported
+
     def __init__(self, scripted: torch.jit.ScriptModule):
         super().__init__()
         self.scripted = scripted
@@ -196,12 +207,24 @@ def resolve_path(path: str | os.PathLike | None, env_var: str = ENV_VAR) -> Path
     return Path(path).expanduser() if path is not None else None
 
 
-def load_i3d(path: str | os.PathLike | None = None, num_classes: int = 400) -> nn.Module:
+def set_bn_eps(model: nn.Module, eps: float) -> nn.Module:
+    """Every batch norm of `model` at `eps`; `model.bn_eps` records it (FVD reports it)."""
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm3d):
+            module.eps = float(eps)
+    model.bn_eps = float(eps)
+    return model
+
+
+def load_i3d(path: str | os.PathLike | None = None, num_classes: int = 400,
+             bn_eps: float | None = None) -> nn.Module:
     """The user's I3D in eval mode: `path`, else `$SINGER_I3D_PATH`.
 
-    A state dict (`torch.load(weights_only=True)`, strict key match against `InceptionI3d`), or a
-    TorchScript file (name ending in `torchscript.pt`, or any file that is no loadable state dict).
-    Raises `WeightsUnavailable` with the reason otherwise; never returns a randomly initialised network.
+    A state dict (`torch.load(weights_only=True)`, strict key match against `InceptionI3d`), its batch norms
+    at `bn_eps` (None: `STATE_DICT_BN_EPS`, what i3d_pretrained_400.pt was made for), or a TorchScript file
+    (name ending in `torchscript.pt`, or any file that is no loadable state dict), which keeps its own eps
+    (`bn_eps` must then be None). Raises `WeightsUnavailable` with the reason otherwise; never returns a
+    randomly initialised network. The result's `bn_eps` says which eps it runs with (None: as exported).
     """
     p = resolve_path(path)
     if p is None:
@@ -209,12 +232,12 @@ def load_i3d(path: str | os.PathLike | None = None, num_classes: int = 400) -> n
     if not p.is_file():
         raise WeightsUnavailable(f"I3D weights not found at {p} (set {ENV_VAR})")
     if p.name.endswith("torchscript.pt"):
-        return _load_torchscript(p)
+        return _load_torchscript(p, bn_eps)
     try:
         state = _unwrap_state_dict(torch.load(p, map_location="cpu", weights_only=True))
     except Exception as exc:  # not a plain state dict: maybe TorchScript
         try:
-            return _load_torchscript(p)
+            return _load_torchscript(p, bn_eps)
         except WeightsUnavailable:
             raise WeightsUnavailable(
                 f"I3D weights at {p} are neither a state dict nor TorchScript: {exc}"
@@ -227,10 +250,13 @@ def load_i3d(path: str | os.PathLike | None = None, num_classes: int = 400) -> n
         raise WeightsUnavailable(
             f"I3D weights at {p} do not match InceptionI3d: {' '.join(head)[:500]}"
         ) from exc
-    return model.eval()
+    return set_bn_eps(model, STATE_DICT_BN_EPS if bn_eps is None else bn_eps).eval()
 
 
-def _load_torchscript(p: Path) -> nn.Module:
+def _load_torchscript(p: Path, bn_eps: float | None = None) -> nn.Module:
+    if bn_eps is not None:
+        raise ValueError(f"{p} is a TorchScript I3D, which keeps the batch-norm eps it was exported with: "
+                         "leave evaluate.i3d_bn_eps null")
     try:
         scripted = torch.jit.load(str(p), map_location="cpu")
     except Exception as exc:
