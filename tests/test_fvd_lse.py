@@ -252,10 +252,10 @@ def test_syncnet_loader(tmp_path, monkeypatch):
 
 def test_lse_unavailable_without_weights(monkeypatch, tmp_path):
     monkeypatch.delenv("SINGER_SYNCNET_PATH", raising=False)
-    out = lse(np.zeros((30, 64, 64, 3), np.uint8), np.zeros(19200), 16000)
+    out = lse(np.zeros((30, 64, 64, 3), np.uint8), np.zeros(19200), 16000, 25)
     assert set(out) == {"LSE-D", "LSE-C"}
     assert all(r.status == "unavailable" and r.value is None for r in out.values())
-    out = lse(np.zeros((30, 64, 64, 3), np.uint8), np.zeros(19200), 16000, syncnet_path=tmp_path / "x.model")
+    out = lse(np.zeros((30, 64, 64, 3), np.uint8), np.zeros(19200), 16000, 25, syncnet_path=tmp_path / "x.model")
     assert "not found" in out["LSE-D"].reason
 
 
@@ -263,9 +263,19 @@ def test_lse_end_to_end_windows_on_random_weights():
     rng = np.random.default_rng(5)
     frames = rng.integers(0, 256, (12, 48, 48, 3), dtype=np.uint8)  # 12 frames at 25 fps = 0.48 s
     audio = rng.normal(scale=0.1, size=7680)
-    out = lse(frames, audio, 16000, model=SyncNet().eval())
+    boxes = np.tile([8.0, 6.0, 40.0, 42.0], (12, 1))
+    torch.manual_seed(0)
+    net = SyncNet().eval()
+    out = lse(frames, audio, 16000, 25, model=net, boxes=boxes, min_track=5)
     assert out["LSE-D"].status == "ok" and out["LSE-D"].details["n_windows"] == 12 - 5
     assert out["LSE-C"].value >= 0 and -15 <= out["LSE-D"].details["offset"] <= 15
+    assert out["LSE-D"].details["track_start"] == 0 and out["LSE-D"].details["track_end"] == 11
+    # the same clip at 50 fps (every frame twice) is taken back to the same 12 frames at 25 fps
+    doubled = lse(np.repeat(frames, 2, axis=0), audio, 16000, 50, model=net,
+                  boxes=np.repeat(boxes, 2, axis=0), min_track=5)
+    assert doubled["LSE-D"].details["fps_in"] == 50 and doubled["LSE-D"].value == pytest.approx(out["LSE-D"].value)
+    short = lse(frames, audio, 16000, 25, model=net, boxes=boxes)  # 12 <= MIN_TRACK detections
+    assert short["LSE-D"].status == "unavailable" and "no face track of more than 25 frames" in short["LSE-D"].reason
 
 
 def test_psf_mfcc_framing_and_energy():
@@ -278,3 +288,109 @@ def test_psf_mfcc_framing_and_energy():
     assert m[0, 0] == pytest.approx(np.log(energy0))
     fb = lse_mod.psf_filterbanks()
     assert fb.shape == (26, 257) and fb.max() <= 1 and (fb.sum(1) > 0).all()
+
+
+# --------------------------------------------------------------------------- LSE's input crop
+
+
+def _reference_crop(frame: np.ndarray, s: float, x: float, y: float, cs: float = 0.4) -> np.ndarray:
+    """syncnet_python run_pipeline.py's crop of one frame, written out from its formula."""
+    import cv2
+
+    pad = int(s * (1 + 2 * cs))
+    padded = np.pad(frame, ((pad, pad), (pad, pad), (0, 0)), constant_values=110)
+    rows = slice(int(y + pad - s), int(y + pad + s * (1 + 2 * cs)))
+    cols = slice(int(x + pad - s * (1 + cs)), int(x + pad + s * (1 + cs)))
+    return cv2.resize(padded[rows, cols], (224, 224))
+
+
+def test_crop_box_of_a_face_track_follows_the_reference_formula():
+    from scipy.signal import medfilt
+
+    from singer.evaluate.metrics import syncnet_crop
+
+    rng = np.random.default_rng(7)
+    t = 30
+    frames = rng.integers(0, 256, (t, 120, 160, 3), dtype=np.uint8)
+    boxes = np.array([50.0, 30.0, 100.0, 90.0]) + rng.normal(0, 1.5, (t, 4))
+    boxes[10] += [40, -20, 40, -20]  # one wild detection: the 13-frame median removes it
+    crops = syncnet_crop.crop_track(frames, boxes)
+    side = np.maximum(boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0]) / 2
+    s = medfilt(side, 13)
+    x = medfilt((boxes[:, 0] + boxes[:, 2]) / 2, 13)
+    y = medfilt((boxes[:, 1] + boxes[:, 3]) / 2, 13)
+    for i in range(t):
+        assert np.array_equal(crops[i], _reference_crop(frames[i], s[i], x[i], y[i])), i
+    assert abs(x[10] - 75) < 5 and abs(y[10] - 60) < 5  # the outlier's centre was (115, 40)
+
+
+def test_crop_puts_the_face_centre_where_syncnet_expects_it():
+    """Rows cy - s .. cy + 1.8 s, columns cx +- 1.4 s: the box centre lands at row 224 / 2.8 = 80, column 112;
+    a face at the frame's edge is padded with grey 110."""
+    from singer.evaluate.metrics import syncnet_crop
+
+    frames = np.zeros((20, 200, 200, 3), np.uint8)
+    frames[:, 98:103, 98:103] = 255  # a marker at the centre of the box (70, 70)-(130, 130)
+    crops = syncnet_crop.crop_track(frames, np.tile([70.0, 70.0, 130.0, 130.0], (20, 1)))
+    rows, cols = np.nonzero(crops[10, :, :, 0] > 128)
+    assert abs(rows.mean() - 80) <= 2 and abs(cols.mean() - 112) <= 2
+    edge = syncnet_crop.crop_track(frames, np.tile([0.0, 0.0, 60.0, 60.0], (20, 1)))
+    assert (edge[10, :20, :20] == 110).all()  # above and left of the frame: the reference's grey
+
+
+def test_face_track_joins_interpolates_and_refuses_like_the_reference():
+    from singer.evaluate.metrics import syncnet_crop
+
+    boxes = np.tile([10.0, 10.0, 60.0, 60.0], (100, 1))
+    boxes[:, [0, 2]] += np.arange(100)[:, None] * 0.5  # the face drifts right
+    boxes[20:30] = np.nan  # 10 missed frames: bridged, interpolated
+    track = syncnet_crop.face_track(boxes, min_track=25)
+    assert (track.start, track.end, track.n_detected) == (0, 99, 90)
+    assert np.allclose(track.boxes[25], [10 + 12.5, 10, 60 + 12.5, 60])
+    gap = boxes.copy()
+    gap[40:70] = np.nan  # 30 missed frames: more than the 25 the reference bridges
+    track = syncnet_crop.face_track(gap, min_track=25)
+    assert (track.start, track.end) == (0, 39)  # two tracks, 0-39 (with its bridged gap) and 70-99: the longer
+    jump = boxes.copy()
+    jump[50:, [0, 2]] += 100  # another face, no overlap: a new track
+    assert syncnet_crop.face_track(jump, min_track=25).end == 49
+    assert syncnet_crop.face_track(boxes[:25], min_track=25) is None  # 25 detections is not more than 25
+    assert syncnet_crop.face_track(boxes, min_face_size=100) is None  # 50-px faces, the reference's 100-px floor
+    assert list(syncnet_crop.to_25_fps(6, 30)) == [0, 1, 2, 4, 5]  # 6 frames at 30 fps -> 5 at 25, nearest
+
+
+def test_lse_finds_the_face_track_itself():
+    """Without boxes, dlib's detector makes the track (a face drifting through 30 frames at 25 fps)."""
+    import cv2
+    from skimage import data
+
+    from singer.evaluate.metrics import syncnet_crop
+
+    face = cv2.resize(data.astronaut()[20:260, 110:350], (128, 128))  # the astronaut's head, 128 px
+    frames = np.stack([np.roll(face, i // 3, axis=1) for i in range(30)])
+    boxes = syncnet_crop.detect_boxes(frames)
+    assert np.isfinite(boxes).all(), "dlib missed the face"
+    assert boxes[29, 0] - boxes[0, 0] == pytest.approx(9, abs=3)  # it follows the 9-px drift
+    torch.manual_seed(0)
+    out = lse(frames, np.random.default_rng(8).normal(scale=0.1, size=30 * 640), 16000, 25, model=SyncNet().eval())
+    assert out["LSE-D"].status == "ok", out["LSE-D"].reason
+    details = out["LSE-D"].details
+    assert (details["track_start"], details["track_end"], details["boxes"]) == (0, 29, "dlib HOG")
+    assert details["n_windows"] == 30 - 5 and details["min_track"] == syncnet_crop.MIN_TRACK
+
+
+def test_evaluation_fvd_records_its_conventions():
+    """The set-level FVD of `singer evaluate`: one clip per video by default, the eps of the loaded I3D."""
+    from singer.config import load_config
+    from singer.evaluate.runner import set_metrics
+
+    cfg = load_config()
+    assert cfg.evaluate.fvd_clips_per_video == 1 and cfg.evaluate.i3d_bn_eps is None
+    rng = np.random.default_rng(9)
+    rows = [{"i3d_real": rng.normal(size=(1, 400)), "i3d_fake": rng.normal(size=(1, 400)) + 0.5,
+             "fvd_reason": None, "fvd_bn_eps": 1e-5} for _ in range(5)]
+    result = set_metrics(cfg, rows)["fvd"]
+    assert result.status == "ok" and result.value > 0
+    assert {k: result.details[k] for k in ("bn_eps", "clips_per_video", "n_videos", "n_clips_real")} == {
+        "bn_eps": 1e-5, "clips_per_video": 1, "n_videos": 5, "n_clips_real": 5}
+    assert result.details["covariance_rank_real"] == 4 and result.details["sqrt"] == "symmetric eigendecomposition"

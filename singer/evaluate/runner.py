@@ -221,7 +221,7 @@ class ClipEvaluator:
                 else:
                     from singer.evaluate.metrics.lse import lse
 
-                    results.update(lse(generated, audio, rate, model=self.syncnet))
+                    results.update(lse(generated, audio, rate, fps, model=self.syncnet))
             else:
                 continue  # set-level (fvd): after the fan-out
             timings[name] = time.perf_counter() - t0

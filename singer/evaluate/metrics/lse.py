@@ -1,10 +1,12 @@
 """LSE-D and LSE-C: lip-sync error distance and confidence with SyncNet (syncnet_python's evaluation).
 
-Reference (joonson/syncnet_python `SyncNetInstance.evaluate`, as used by Wav2Lip's LSE scripts):
+Reference (joonson/syncnet_python `run_pipeline.py` for the input, `SyncNetInstance.evaluate` for the
+scores, as used by Wav2Lip's LSE scripts):
 
-- video at 25 fps, frames of the face track (the reference feeds its 224x224 face-crop video, whole
-  crop, not a mouth cut-out) as raw 0-255 float BGR values (`cv2.imread`); here frames are given RGB
-  (project convention) and flipped to BGR; frames not 224x224 are resized (bilinear);
+- video at 25 fps (another rate is converted, nearest frame), then the face-track crop of `run_pipeline.py`
+  (`singer.evaluate.metrics.syncnet_crop`: a track of face boxes, median-smoothed, rows from the box centre
+  - s to + 1.8 s, columns +- 1.4 s, grey 110 padding, 224x224), and the audio cut to the track; the crops as
+  raw 0-255 float BGR values (`cv2.imread`): here frames are given RGB (project convention) and flipped;
 - audio 16 kHz mono, int16 scale (`scipy.io.wavfile.read` of a pcm_s16le wav); MFCC by
   python_speech_features defaults (25 ms frames, 10 ms step, 26 mel filters, 512-point FFT,
   pre-emphasis 0.97, lifter 22, c0 replaced by the log frame energy, no window), 13 coefficients at
@@ -21,7 +23,8 @@ Reference (joonson/syncnet_python `SyncNetInstance.evaluate`, as used by Wav2Lip
   (positive: video frame i matches audio frame i - offset).
 
 Weights are the user's `syncnet_v2.model` (`SINGER_SYNCNET_PATH` or an argument); without them both
-metrics are "unavailable" with the reason.
+metrics are "unavailable" with the reason. The details record the track (frames, detections), the
+`min_track` and `min_face_size` used, the input fps and the face detector.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from scipy.fft import dct
 
+from singer.evaluate.metrics import syncnet_crop
 from singer.evaluate.metrics.base import MetricResult, as_video
 from singer.evaluate.networks.i3d import WeightsUnavailable
 from singer.evaluate.networks.syncnet import ENV_VAR, SyncNet, load_syncnet
@@ -180,8 +184,14 @@ def syncnet_features(
     model: SyncNet, frames: np.ndarray, audio: np.ndarray, sample_rate: int, batch_size: int = 20
 ) -> tuple[np.ndarray, np.ndarray]:
     """Video and audio embeddings (T', 1024) each, windows as in the reference's `evaluate`."""
+    return embed_windows(model, frames, audio_to_int16_scale(audio, sample_rate), batch_size)
+
+
+@torch.no_grad()
+def embed_windows(model: SyncNet, frames: np.ndarray, sig: np.ndarray, batch_size: int = 20
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """`syncnet_features` of 25 fps frames and 16 kHz mono audio already on the int16 scale."""
     imtv = prepare_frames(frames)
-    sig = audio_to_int16_scale(audio, sample_rate)
     cct = torch.from_numpy(psf_mfcc(sig, SAMPLE_RATE).T.copy()).float()[None, None]  # (1, 1, 13, M)
     min_length = min(imtv.shape[2], len(sig) // (SAMPLE_RATE // FPS))
     lastframe = min_length - WINDOW
@@ -200,27 +210,48 @@ def lse(
     frames: np.ndarray,
     audio: np.ndarray,
     sample_rate: int,
+    fps: float,
     syncnet_path: str | os.PathLike | None = None,
     model: SyncNet | None = None,
     vshift: int = VSHIFT,
+    boxes: np.ndarray | None = None,
+    min_track: int = syncnet_crop.MIN_TRACK,
+    min_face_size: float = 0.0,
 ) -> dict[str, MetricResult]:
-    """{"LSE-D": ..., "LSE-C": ...} for one 25 fps video (T, H, W, 3) uint8 RGB face crops and its audio.
+    """{"LSE-D": ..., "LSE-C": ...} for one video (T, H, W, 3) uint8 RGB at `fps` and its audio.
 
-    Both results carry `details` = {"offset", "n_windows"}. `model` wins over `syncnet_path`, which
-    wins over `$SINGER_SYNCNET_PATH`.
+    The frames are taken to 25 fps and cropped along their face track as the reference pipeline does;
+    `boxes` ((T, 4) per input frame, NaN where no face) skips the detection. `model` wins over
+    `syncnet_path`, which wins over `$SINGER_SYNCNET_PATH`. Both results carry the same `details`.
     """
+    def unavailable(reason: str, **details) -> dict[str, MetricResult]:
+        return {k: MetricResult.unavailable(reason, **details) for k in ("LSE-D", "LSE-C")}
+
     if model is None:
         try:
             model = load_syncnet(syncnet_path)
         except WeightsUnavailable as exc:
-            r = MetricResult.unavailable(str(exc), env_var=ENV_VAR)
-            return {"LSE-D": r, "LSE-C": MetricResult.unavailable(str(exc), env_var=ENV_VAR)}
-    v, a = syncnet_features(model.eval(), frames, audio, sample_rate)
+            return unavailable(str(exc), env_var=ENV_VAR)
+    video = as_video(frames)
+    keep = syncnet_crop.to_25_fps(len(video), fps) if float(fps) != FPS else np.arange(len(video))
+    video = video[keep]
+    settings = {"fps_in": float(fps), "min_track": int(min_track), "min_face_size": float(min_face_size),
+                "crop_scale": syncnet_crop.CROP_SCALE, "boxes": "dlib HOG" if boxes is None else "given"}
+    boxes = syncnet_crop.detect_boxes(video) if boxes is None else np.asarray(boxes, np.float64)[keep]
+    track = syncnet_crop.face_track(boxes, min_track, min_face_size)
+    with_face = int(np.isfinite(boxes).all(axis=1).sum())
+    if track is None:
+        return unavailable(f"no face track of more than {min_track} frames ({with_face} of {len(video)} frames "
+                           "at 25 fps have a face)", **settings)
+    crops = syncnet_crop.crop_track(video[track.start:track.end + 1], track.boxes)
+    per_frame = SAMPLE_RATE // FPS  # the audio of the track's frames only, as the reference cuts it
+    sig = audio_to_int16_scale(audio, sample_rate)[track.start * per_frame:(track.end + 1) * per_frame]
+    v, a = embed_windows(model.eval(), crops, sig)
+    settings.update(track_start=track.start, track_end=track.end, track_detections=track.n_detected)
     if len(v) == 0:
-        reason = f"too short for SyncNet: needs more than {WINDOW} frames of video and audio"
-        return {"LSE-D": MetricResult.unavailable(reason), "LSE-C": MetricResult.unavailable(reason)}
+        return unavailable(f"too short for SyncNet: needs more than {WINDOW} frames of video and audio", **settings)
     scores = lse_from_distances(*sync_distances(v, a, vshift))
-    details = {"offset": scores["offset"], "n_windows": int(len(v))}
+    details = {"offset": scores["offset"], "n_windows": int(len(v)), **settings}
     return {
         "LSE-D": MetricResult.ok(scores["lse_d"], **details),
         "LSE-C": MetricResult.ok(scores["lse_c"], **details),
@@ -229,6 +260,7 @@ def lse(
 
 __all__ = [
     "audio_to_int16_scale",
+    "embed_windows",
     "lse",
     "lse_from_distances",
     "prepare_frames",
