@@ -153,7 +153,7 @@ def test_the_weekly_retrain_deployment_fires_on_its_schedule(retrain_repo, s3_en
                     return runs[0]
                 return None
 
-            run = wait_for(finished_scheduled_run, timeout=LEAD_S + 270, interval=2,
+            run = wait_for(finished_scheduled_run, timeout=LEAD_S + 540, interval=2,
                            what="the scheduled retrain run to finish")
             assert run.state.is_completed(), f"{run.state}\n{worker_log.read_text()[-6000:]}"
             assert run.auto_scheduled  # the scheduler created it, not a `prefect deployment run`
