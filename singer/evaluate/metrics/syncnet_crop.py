@@ -79,26 +79,20 @@ def detect_boxes(frames: np.ndarray) -> np.ndarray:
     return boxes
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def face_track(boxes: np.ndarray, min_track: int = MIN_TRACK, min_face_size: float = 0.0,
                max_gap: int = MAX_GAP) -> FaceTrack | None:
     """The longest track through per-frame boxes ((T, 4), NaN rows: no face), joined and interpolated as
     the reference joins them; None when no track is longer than `min_track` frames with a mean box side
     above `min_face_size`."""
+    from singer.faces.detect import iou
+
     boxes = np.asarray(boxes, np.float64)
     remaining = [i for i in range(len(boxes)) if np.isfinite(boxes[i]).all()]
     runs: list[list[int]] = []
     while remaining:  # the reference's passes: each takes the first free detection and follows it
         run: list[int] = []
         for i in list(remaining):
-            if not run or (i - run[-1] <= max_gap and _iou(boxes[i], boxes[run[-1]]) > IOU_THRESHOLD):
+            if not run or (i - run[-1] <= max_gap and iou(tuple(boxes[i]), tuple(boxes[run[-1]])) > IOU_THRESHOLD):
                 run.append(i)
                 remaining.remove(i)
             elif i - run[-1] > max_gap:
