@@ -41,7 +41,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-METRICS = ["mouth_correlation", "lmd", "bas", "identity", "ssim", "psnr"]
+METRICS = ["mouth_correlation", "mouth_width_correlation", "lmd", "bas", "identity", "ssim", "psnr"]
 CONTROLS = ["none", "shuffled", "silent"]
 TARGETS = {"mouth_r": 0.6, "shuffled_r": 0.2, "identity_margin": 0.1}
 
@@ -68,9 +68,20 @@ def project_params(spec: Path) -> dict:
     return deep_merge(base, yaml.safe_load(spec.read_text()) or {})
 
 
+def synth_code() -> str:
+    """sha256 of the synthesizer's source: a corpus made by other code is another corpus."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "singer" / "data").glob("synth*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def prepare_data(work: Path, params: dict, log: Path) -> dict:
-    """The corpus and the data stages, rerun only when the data parameters changed."""
+    """The corpus and the data stages, rerun only when the data parameters or the synthesizer changed."""
     data_keys = {k: params.get(k) for k in ("synth", "ingest", "clip", "crop", "split", "preset")}
+    data_keys["synth_code"] = synth_code()
     stamp = work / "data.json"
     if stamp.exists() and json.loads(stamp.read_text()).get("params") == data_keys \
             and (work / "data/split/test.txt").exists():

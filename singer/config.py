@@ -218,7 +218,7 @@ class EvaluateConfig(Section):
     seed: int = 0
     num_workers: int = 2                      # Ray tasks at once (local); RAY_ADDRESS for a cluster
     metrics: list[str] = ["ssim", "psnr", "cpbd", "lmd", "diversity", "bas", "identity", "mouth_correlation",
-                          "fvd", "lse"]
+                          "mouth_width_correlation", "fvd", "lse"]
     identity_max_frames: int = 8               # dlib embeddings are ~0.25 s a frame
     cpbd_every: int = 1
     i3d_path: str | None = None               # FVD weights (SINGER_I3D_PATH wins when set); absent: unavailable

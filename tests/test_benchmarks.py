@@ -90,3 +90,56 @@ def test_learning_samples_one_trained_model_several_ways_each_in_its_own_row():
     assert f"evaluate.out_dir={run_dir / 'eval-none'}" in plain
     assert f"evaluate.model_dir={run_dir / 'models' / 'full'}" in fast  # the same trained model
     assert learning.eval_json(run_dir, "full", "none@dpm_solver5") == run_dir / "metrics-none@dpm_solver5/eval.json"
+
+
+def _protocols_module():
+    import importlib.util
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("protocols_benchmark", ROOT / "benchmarks/protocols.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_protocols_stage_two_overrides_load_the_base_and_train_only_the_listed_groups(tmp_path):
+    protocols = _protocols_module()
+    params, spec = protocols.load_spec(ROOT / "benchmarks/spectral.yaml")
+    assert "protocol" not in params and params["synth"]["seed"] == 1  # learning.yaml's benchmark corpus
+    assert "mouth_width_correlation" in params["evaluate"]["metrics"]
+    scratch = protocols.train_overrides("scratch", "no_msm", 2, tmp_path, spec)
+    assert not any(o.startswith(("model.pretrained", "train.trainable")) for o in scratch)
+    assert "train.variant=no_msm" in scratch and "train.seed=2" in scratch
+    staged = protocols.train_overrides("two_stage", "no_msm", 2, tmp_path, spec)
+    base = tmp_path / "runs" / f"scratch-no_both-s{spec['base']['seed']}" / "models" / "no_both"
+    assert f"model.pretrained={base}" in staged
+    assert "train.trainable=[audio_encoder,audio_projection,msm,sfm]" in staged
+    assert f"train.steps={spec['finetune']['steps']}" in staged and "train.seed=2" in staged
+    # the digest moves with stage 2's budget, and only for stage 2
+    other = {**spec, "finetune": {**spec["finetune"], "steps": 1}}
+    assert protocols.params_digest(params, spec) != protocols.params_digest(params, other)
+    assert protocols.params_digest(params, None) == protocols.params_digest(params, None)
+
+
+def test_protocols_ledger_tables_and_paired_differences(tmp_path):
+    """Paired differences are per seed (a - b of the same seed), not differences of the means; entries of
+    other parameters (another digest) are ignored."""
+    protocols = _protocols_module()
+    ledger = protocols.Ledger(tmp_path / "ledger")
+    values = {("full", 0): 0.80, ("full", 1): 0.60, ("no_msm", 0): 0.70, ("no_msm", 1): 0.56, ("no_msm", 2): 0.9}
+    for (arm, seed), r in values.items():
+        ledger.put({"protocol": "two_stage", "arm": arm, "seed": seed, "digest": "d2", "train_seconds": 10.0,
+                    "evals": {"none": {m: (r if m == "mouth_correlation" else 0.5) for m in protocols.METRICS}}})
+    ledger.put({"protocol": "two_stage", "arm": "full", "seed": 2, "digest": "stale",
+                "evals": {"none": {m: 9.0 for m in protocols.METRICS}}})
+    assert ledger.get("two_stage", "full", 2, "d2") is None and ledger.get("two_stage", "full", 2)["digest"] == "stale"
+    digests = {"scratch": "d1", "two_stage": "d2"}
+    tables = protocols.table(ledger, digests, [0, 1, 2])
+    assert list(tables) == ["two_stage"]
+    assert tables["two_stage"]["full/none"]["mouth_correlation"]["values"] == [0.8, 0.6]
+    assert tables["two_stage"]["no_msm/none"]["seeds"] == [0, 1, 2]
+    pairs = protocols.paired(ledger, digests, [0, 1, 2])["two_stage"]
+    msm = pairs["MSM, with SFM (full - no_msm)"]["mouth_correlation"]
+    assert msm["n"] == 2 and msm["mean"] == pytest.approx(0.07) and msm["std"] == pytest.approx((0.03 ** 2 * 2) ** 0.5)
+    assert pairs["MSM, with SFM (full - no_msm)"]["identity"]["mean"] == pytest.approx(0.0)
+    assert "both (full - no_both)" not in pairs  # no no_both run

@@ -64,7 +64,8 @@ def serial_result(tiny_project, tmp_path_factory):
         mp.undo()
 
 
-PER_CLIP = ["ssim", "psnr", "cpbd", "lmd", "diversity", "bas", "identity", "mouth_correlation", "LSE-D", "LSE-C"]
+PER_CLIP = ["ssim", "psnr", "cpbd", "lmd", "diversity", "bas", "identity", "mouth_correlation",
+            "mouth_width_correlation", "LSE-D", "LSE-C"]
 
 
 def test_outputs_exist_and_agree(serial_result):
@@ -95,7 +96,7 @@ def test_outputs_exist_and_agree(serial_result):
         c = curves[curves["clip_id"] == cid]
         assert len(c) == int(df.set_index("clip_id").loc[cid, "n_frames"]) == 50
         assert np.isfinite(c["truth"]).all()  # the synthetic corpus knows its mouth opening
-    assert (df["truth_source"] == "truth.json").all()
+    assert (df["truth_source"] == "truth.json").all() and (df["width_truth_source"] == "truth.json").all()
     pm = pd.read_csv(out / "plots" / "per_metric.csv")
     assert {"ssim", "psnr"} <= set(pm["metric"])
     for png in ("mouth_curves.png", "per_metric.png"):

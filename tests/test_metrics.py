@@ -17,7 +17,7 @@ from singer.evaluate.metrics.cpbd import cpbd, cpbd_frame, to_grey255
 from singer.evaluate.metrics.diversity import diversity
 from singer.evaluate.metrics.identity import identity_similarity
 from singer.evaluate.metrics.lmd import lmd
-from singer.evaluate.metrics.mouth import curve_correlation, mouth_correlation
+from singer.evaluate.metrics.mouth import curve_correlation, mouth_correlation, mouth_width_correlation
 from singer.evaluate.metrics.psnr import PSNR_CAP, psnr
 from singer.evaluate.metrics.ssim import ssim
 
@@ -239,6 +239,30 @@ def test_mouth_correlation_on_detected_synthetic_frames(synth_take):
     out = compute(["mouth_correlation", "lmd", "diversity"], generated=frames, ground_truth=frames)
     assert out["mouth_correlation"].value == pytest.approx(1.0)
     assert out["lmd"].value == 0.0
+
+
+def test_mouth_width_correlation_on_detected_synthetic_frames():
+    """Planted widths (rounded 0.7 to spread 1.2) under a varying opening: dlib reads the width, not the
+    opening, back at 128^2 and at 64^2; the truth may be landmarks or a curve; a constant width is unavailable."""
+    from singer.data.synth_face import FaceAnimator, Pose, make_variant
+    from singer.faces import mouth_width
+
+    animator = FaceAnimator(make_variant(0, 0, 128), 128)
+    widths = [1.0, 0.72, 0.85, 1.2, 1.1, 0.8, 0.95, 1.15, 0.7, 1.05]
+    openings = [0.05, 0.3, 0.1, 0.2, 0.35, 0.15, 0.25, 0.05, 0.3, 0.2]
+    rendered = [animator.render(o, Pose(0.0, 0.0, 0.0), w) for o, w in zip(openings, widths)]
+    frames, truth_lm = np.stack([r[0] for r in rendered]), np.stack([r[1] for r in rendered])
+    gen_lm = video_landmarks(frames)
+    res = mouth_width_correlation(gen_lm, truth_lm)
+    assert res.is_ok and res.value > 0.9
+    assert mouth_width_correlation(gen_lm, mouth_width(truth_lm)).value == pytest.approx(res.value)
+    assert abs(mouth_correlation(gen_lm, mouth_width(truth_lm)).value) < 0.6  # the opening is not the width
+    small = np.stack([cv2.resize(f, (64, 64), interpolation=cv2.INTER_AREA) for f in frames])
+    assert mouth_width_correlation(video_landmarks(small), truth_lm).value > 0.8
+    out = compute(["mouth_width_correlation"], generated=frames, truth_width=mouth_width(truth_lm))
+    assert out["mouth_width_correlation"].value == pytest.approx(res.value)
+    flat = mouth_width_correlation(gen_lm, np.full(len(frames), 0.9))
+    assert flat.status == "unavailable" and "mouth-width" in flat.reason
 
 
 # ------------------------------------------------------------------ identity

@@ -1,5 +1,6 @@
 """The synthetic corpus: layout, media streams, determinism, and that its ground truth is measurable
-(dlib reads the mouth opening back, the voice envelope follows the mouth, the drums sit on the beats)."""
+(dlib reads the mouth opening and width back, the voice envelope follows the mouth, the vowel's formants
+give its width, the drums sit on the beats)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from singer.faces import (
     landmarks68,
     model_dir,
     mouth_opening,
+    mouth_width,
 )
 from singer.media.audio import read_audio, read_wav
 from singer.media.video import probe, read_frames
@@ -43,15 +45,18 @@ def dlib_reads(corpus) -> dict[Path, dict]:
     reads = {}
     for mp4 in corpus:
         frames, _ = read_frames(mp4)
-        counts, opening, scores = [], [], []
+        counts, opening, width, scores = [], [], [], []
         for frame in frames:
             faces = detect_faces(frame, 0)
             counts.append(sum(1 for _, s in faces if s > 0))
             scores.append([s for _, s in faces])
-            opening.append(mouth_opening(landmarks68(frame, faces[0][0])) if faces else np.nan)
+            lm = landmarks68(frame, faces[0][0]) if faces else np.full((68, 2), np.nan)
+            opening.append(mouth_opening(lm))
+            width.append(mouth_width(lm))
         reads[mp4] = {
             "counts": np.array(counts),
             "opening": np.array(opening),
+            "width": np.array(width),
             "scores": scores,
             "frames": frames,
         }
@@ -126,6 +131,40 @@ def test_song_and_mouth_track_are_consistent():
     assert np.abs(sung["audio"][: int(song.syllables[0].onset * sr) - 10]).max() == 0
 
 
+def test_mouth_width_follows_the_vowel_and_its_formants():
+    """Width = 1 + (spread - 1) x envelope: rest width in silence, narrower for the rounded vowels (low F2),
+    wider for the spread ones (high F2), and it is not the envelope: /a/ at full level keeps the rest width."""
+    assert _vowels_by(lambda v: v["spread"]) == _vowels_by(lambda v: v["formants"][1]) == ["u", "o", "a", "e", "i"]
+    rng = np.random.default_rng(4)
+    voice = sa.draw_voice(rng)
+    song = sa.compose_song(rng, 6.0, voice)
+    sr, fps = 16000, 25.0
+    sung = sa.render_voice(song, voice, sr, 6 * sr, rng)
+    times = np.arange(150) / fps
+    width = sa.width_track(sung, sr, times, fps)
+    assert width.shape == (150,)
+    lo, hi = min(v["spread"] for v in sa.VOWELS.values()), max(v["spread"] for v in sa.VOWELS.values())
+    assert np.all((width >= lo - 1e-9) & (width <= hi + 1e-9))
+    silent = times < song.syllables[0].onset - 1 / fps
+    assert silent.any() and np.allclose(width[silent], 1.0)
+    for s in song.syllables:  # mid-syllable, the width is the vowel's spread scaled by the envelope there
+        f = int(round((s.onset + s.offset) / 2 * fps))
+        if s.offset - s.onset > 0.2 and f < 150:
+            env = sung["envelope"][int(f / fps * sr)]
+            expected = 1 + (sa.VOWELS[s.vowel]["spread"] - 1) * env
+            assert width[f] == pytest.approx(expected, abs=0.02), s
+    # rendered: the lip corners move by the asked factor, the inner-lip gap stays as asked
+    animator = FaceAnimator(make_variant(seed=3, subject=1, size=128), 128)
+    rest = mouth_width(animator.render(0.3, Pose(0, 0, 0))[1])
+    for w in (0.78, 1.12):
+        _, lm = animator.render(0.3, Pose(0, 0, 0), w)
+        assert mouth_width(lm) == pytest.approx(w * rest, rel=1e-3) and mouth_opening(lm) == pytest.approx(0.3, abs=0.02)
+
+
+def _vowels_by(value) -> list[str]:
+    return sorted(sa.VOWELS, key=lambda name: value(sa.VOWELS[name]))
+
+
 def test_variant_animation_geometry():
     variant = make_variant(seed=3, subject=1, size=128)
     assert variant.description.startswith("variant:")
@@ -133,6 +172,7 @@ def test_variant_animation_geometry():
     assert np.array_equal(variant.canvas, again.canvas) and np.array_equal(variant.landmarks, again.landmarks)
     animator = FaceAnimator(variant, 128)
     assert not animator.folds(0.0) and not animator.folds(0.7)
+    assert not animator.folds(0.0, 1.15) and not animator.folds(0.7, 0.75)
     openings = []
     for target in (0.0, 0.2, 0.4):
         frame, lm = animator.render(target, Pose(2.0, -3.0, 1.5))
@@ -166,6 +206,7 @@ def test_layout_and_truth(corpus):
         landmarks = np.load(mp4.with_name(truth["landmarks_file"]))
         assert landmarks.shape == (n, 68, 2)
         assert np.allclose(mouth_opening(landmarks), truth["mouth_opening"], atol=1e-5)
+        assert np.allclose(mouth_width(landmarks), truth["mouth_width"], atol=1e-5)
         vocals, rate = read_wav(mp4.with_name(truth["vocals"]))
         assert rate == 44100 and vocals.ndim == 1 and len(vocals) == round(SECONDS * 44100)
         assert 0.05 < np.abs(vocals).max() <= PEAK + 1e-3
@@ -219,6 +260,21 @@ def test_dlib_reads_back_the_mouth_opening(dlib_reads):
         assert closed.sum() >= 3 and open_.sum() >= 3
         assert np.median(read[closed]) < 0.08
         assert np.median(read[open_]) > 3 * np.median(read[closed])
+
+
+def test_dlib_reads_back_the_mouth_width(dlib_reads):
+    """dlib at 256^2 without upsampling: r >= 0.8 over the takes, and in each take whose width moves by over
+    10% (a 2-s take that sings few vowels moves it little: 0.56 at 8%). benchmarks/mouth_readback.py measures
+    the evaluation's reading (64^2 crops, upsampled) over 10-s takes."""
+    reads, truths = [], []
+    for mp4, r in dlib_reads.items():
+        truth = np.array(_truth(mp4)["mouth_width"])
+        if truth.max() / truth.min() > 1.1:
+            assert np.corrcoef(r["width"], truth)[0, 1] >= 0.8, mp4
+        reads.append(r["width"] - r["width"].mean())
+        truths.append(truth - truth.mean())
+    assert max(np.ptp(t) for t in truths) > 0.1  # some take sings a rounded or a spread vowel
+    assert np.corrcoef(np.concatenate(reads), np.concatenate(truths))[0, 1] >= 0.8  # measured 0.86
 
 
 def test_vocal_envelope_follows_the_mouth(corpus):

@@ -156,3 +156,50 @@ def test_two_process_accelerate_launch(project_copy):
     state = json.loads(next((project_copy / "checkpoints").glob("full-*/step-000002/trainer_state.json")).read_text())
     assert state["num_processes"] == 2
     assert json.loads((project_copy / "metrics/train.json").read_text())["steps"] == 2
+
+
+@pytest.mark.slow
+def test_paper_protocol_stage_two_trains_only_the_audio_path_and_the_arm(project_copy):
+    """benchmarks/protocols.py's stage 2: a no_both model as the release (`model.pretrained`), the full arm with
+    only the audio encoder, the audio projection, MSM and SFM trainable. The UNets, the face encoder and the
+    face locator come out bit-equal to the base; the trainable groups moved; MSM and SFM left their identity."""
+    import torch
+
+    from singer.pipeline import SingerPipeline
+
+    def train(*overrides):
+        done = subprocess.run([sys.executable, "-m", "singer.train", "-S", "train.steps=2", *FAST, *overrides],
+                              cwd=project_copy, env=env_for(project_copy), capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done
+
+    train("-S", "train.variant=no_both")
+    base_dir = project_copy / "models/no_both"
+    train("-S", "train.variant=full", "-S", f"model.pretrained={base_dir}", "-S", "train.lr=1e-2",
+          "-S", "train.trainable=[audio_encoder,audio_projection,msm,sfm]", "-S", "train.models_dir=stage2")
+    base = SingerPipeline.from_pretrained(base_dir).to_model().state_dict()
+    tuned = SingerPipeline.from_pretrained(project_copy / "stage2/full").to_model().state_dict()
+    report = json.loads((project_copy / "metrics/train.json").read_text())
+
+    frozen = ("reference_unet.", "denoising_unet.", "face_encoder.", "face_locator.")
+    compared = [k for k in tuned if k.startswith(frozen) and not k.startswith("denoising_unet.sfm.")]
+    assert len(compared) > 100 and all(torch.equal(tuned[k], base[k]) for k in compared)
+    for group in ("audio_encoder.wav2vec2.", "audio_encoder.projection."):
+        moved = [k for k in base if k.startswith(group) and not torch.equal(tuned[k], base[k])]
+        assert moved, group
+    new = [k for k in tuned if k.startswith(("msm.", "denoising_unet.sfm."))]
+    assert new and not any(k in base for k in new)
+    fresh = SingerPipeline.from_model(_fresh_full_model(project_copy), 64).to_model().state_dict()
+    assert any(not torch.equal(tuned[k], fresh[k]) for k in new if k.startswith("msm."))
+    assert any(not torch.equal(tuned[k], fresh[k]) for k in new if k.startswith("denoising_unet.sfm."))
+    n_audio = sum(v.numel() for k, v in tuned.items() if k.startswith("audio_encoder.") and "masked_spec" not in k)
+    assert report["trainable_parameters"] <= n_audio + sum(tuned[k].numel() for k in new)
+
+
+def _fresh_full_model(project: Path):
+    """A fresh full model of the project's parameters: MSM and SFM at their identity initialisation."""
+    from singer.config import load_config
+    from singer.models.singer import SingerModel
+
+    cfg = load_config(project / "params.yaml", overrides=["train.variant=full"])
+    return SingerModel.build(cfg.model, cfg.crop.resolution)

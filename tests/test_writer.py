@@ -116,7 +116,10 @@ def test_ctrl_c_on_the_command_leaves_no_half_written_video(model_dir, tmp_path)
     cmd = [str(Path(sys.executable).parent / "singer"), "generate", "--image", str(tmp_path / "face.jpg"),
            "--audio", str(audio), "--output", str(out), "--model", str(model_dir), "--steps", "1",
            "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # as from a terminal: a test run started in the background (`make test &`) ignores SIGINT, the child
+    # inherits that, and Python then installs no KeyboardInterrupt handler (the Ctrl-C would never arrive)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while not (tmp.exists() and tmp.stat().st_size > 0) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -33,6 +33,7 @@ TABLE_COLUMNS = [
     ("lmd", "LMD", False),
     ("fvd", "FVD", False),
     ("mouth_correlation", "mouth r", True),
+    ("mouth_width_correlation", "mouth width r", True),
     ("identity", "identity", True),
     ("ssim", "SSIM", True),
     ("psnr", "PSNR", True),

@@ -122,12 +122,17 @@ class SingerClipDataset(Dataset):
         audio = self._wav(d / "audio.wav")
         reference = np.array(Image.open(d / "reference.png").convert("RGB"))  # writable, for torch
         masks = load_masks(d / "masks.npz")
-        mouth = np.full(len(frames), np.nan, np.float32)
-        if (d / "truth.json").exists():
-            truth = json.loads((d / "truth.json").read_text())
-            values = truth.get("mouth_opening") or []
-            mouth[: min(len(values), len(frames))] = np.asarray(values[: len(frames)], np.float32)
-        return frames, audio, reference, masks, mouth
+        return frames, audio, reference, masks, self.truth_curve(clip_id, "mouth_opening", len(frames))
+
+    def truth_curve(self, clip_id: str, key: str, n_frames: int) -> np.ndarray:
+        """(n_frames,) float32: the per-frame list `key` of the clip's truth.json (the synthesizer's ground truth:
+        mouth_opening, mouth_width), NaN where the clip has none."""
+        curve = np.full(n_frames, np.nan, np.float32)
+        path = self.clip_dir(clip_id) / "truth.json"
+        if path.exists():
+            values = json.loads(path.read_text()).get(key) or []
+            curve[: min(len(values), n_frames)] = np.asarray(values[:n_frames], np.float32)
+        return curve
 
     def _read_vocals(self, clip_id: str) -> np.ndarray | None:
         path = self.clip_dir(clip_id) / "vocals.wav"

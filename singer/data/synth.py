@@ -2,14 +2,16 @@
 
 Each take is `out/subject_XXX/take_YY.mp4` (H.264 + AAC) with two sidecars:
 
-- `take_YY.truth.json`: per-frame mouth opening (the units of `singer.faces.mouth_opening`:
-  inner-lip gap over eye distance, measured on the exact landmarks each frame was rendered with),
+- `take_YY.truth.json`: per-frame mouth opening and mouth width (the units of `singer.faces.mouth_opening`
+  and `mouth_width`: inner-lip gap and lip-corner distance over eye distance, measured on the exact landmarks
+  each frame was rendered with),
   per-frame head pose, beat times, tempo, the sung syllables, a description of the face variant, ...
 - `take_YY.vocals.wav`: the vocal stem, sample-aligned and at the same gain as in the mix;
 - `take_YY.landmarks.npy`: (n_frames, 68, 2) float32, the rendered landmarks in output pixels.
 
 Faces are the astronaut photo (subject 0) and VARIANTS of it (see `synth_face`); the song is synthesized
-(see `synth_audio`). The voice drives the mouth (opening = vowel openness x vocal envelope) and the
+(see `synth_audio`). The voice drives the mouth (opening = vowel openness x vocal envelope; width = the
+vowel's rounding or spreading, heard in its formants, x the envelope) and the
 drum beat drives the head (a nod after each beat, a sway over two beats, a turn over a bar).
 Everything is a function of (seed, subject, take): the same seed gives byte-identical sidecars and
 identical decoded frames.
@@ -25,7 +27,7 @@ import numpy as np
 
 from singer.data import synth_audio as sa
 from singer.data.synth_face import FaceAnimator, FaceVariant, Pose, make_variant
-from singer.faces import mouth_opening
+from singer.faces import mouth_opening, mouth_width
 from singer.io import write_bytes_atomic, write_json_atomic
 from singer.media.audio import write_wav
 from singer.media.video import write_video
@@ -88,13 +90,14 @@ def synthesize_take(
     mix, vocals, sung = sa.mix_take(song, voice, sample_rate, n_samples, rng, music_level, PEAK)
 
     target = sa.mouth_track(sung, sample_rate, times, fps)
+    target_width = sa.width_track(sung, sample_rate, times, fps)
     pose = head_pose(rng, times, song)
     animator = FaceAnimator(variant, size)
     frames = np.empty((n_frames, size, size, 3), np.uint8)
     landmarks = np.empty((n_frames, 68, 2), np.float32)
     for f in range(n_frames):
         p = Pose(pitch=pose["pitch"][f], yaw=pose["yaw"][f], roll=pose["roll"][f])
-        frames[f], landmarks[f] = animator.render(float(target[f]), p)
+        frames[f], landmarks[f] = animator.render(float(target[f]), p, float(target_width[f]))
 
     name = take_name(take)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -132,6 +135,8 @@ def synthesize_take(
         ],
         "mouth_opening": _rounded(mouth_opening(landmarks)),
         "mouth_opening_units": "mean inner-lip gap (61-67, 62-66, 63-65) / inter-ocular distance",
+        "mouth_width": _rounded(mouth_width(landmarks)),
+        "mouth_width_units": "outer lip-corner distance (48-54) / inter-ocular distance",
         "head_pose": {k: _rounded(v, 4) for k, v in pose.items()},
         "head_pose_units": "degrees; roll is an in-plane rotation, pitch and yaw are rendered as a shift "
         "and foreshortening of the head (a 2-D approximation)",

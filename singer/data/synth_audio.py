@@ -9,6 +9,9 @@ Everything is deterministic from a numpy Generator. The pieces:
   vibrato (~5.5 Hz, +-0.3 semitone), syllable envelopes (attack, sustain, release, gaps), a little breath.
 - `render_music`: kick on every beat, snare on beats 2 and 4, hi-hats on eighths, a chord pad and a bass.
 - `mouth_track`: the mouth opening driven by the vocal envelope and the vowel (silence -> closed).
+- `width_track`: the mouth width driven by the vowel's lip shape (rounded /u/ /o/ narrower, spread /i/ /e/
+  wider) as far as the voice sounds (silence -> the rest width): a cue that lives in the formants, not the
+  loudness, as singing's does.
 """
 
 from __future__ import annotations
@@ -19,28 +22,36 @@ import numpy as np
 from scipy.signal import butter, sosfilt
 
 # Vowel formants (Hz) and bandwidths (Hz) for a generic adult voice, the openness of the mouth when the
-# vowel is sung at full level (in the project's mouth-opening units: inner-lip gap / eye distance), and
-# the vowel's intrinsic loudness (open vowels are louder).
+# vowel is sung at full level (in the project's mouth-opening units: inner-lip gap / eye distance), the
+# vowel's intrinsic loudness (open vowels are louder), and the lip width at full level relative to the rest
+# width ("spread"). The lip shape is what moves F2: rounding (/u/, /o/) lengthens the vocal tract's front
+# cavity and lowers F2, spreading (/i/, /e/) raises it; so "spread" follows F2's order (i > e > a > o > u) and
+# a listener can hear the width in the spectrum, not in the level.
 VOWELS: dict[str, dict] = {
     "a": {
         "formants": (800.0, 1200.0, 2600.0),
         "bandwidths": (90.0, 110.0, 160.0),
         "open": 0.50,
         "level": 1.0,
+        "spread": 1.0,
     },
-    "o": {"formants": (500.0, 880.0, 2500.0), "bandwidths": (80.0, 100.0, 150.0), "open": 0.38, "level": 0.9},
+    "o": {"formants": (500.0, 880.0, 2500.0), "bandwidths": (80.0, 100.0, 150.0), "open": 0.38, "level": 0.9,
+          "spread": 0.82},
     "e": {
         "formants": (520.0, 1850.0, 2550.0),
         "bandwidths": (80.0, 110.0, 160.0),
         "open": 0.30,
         "level": 0.85,
+        "spread": 1.10,
     },
-    "u": {"formants": (340.0, 760.0, 2400.0), "bandwidths": (70.0, 90.0, 140.0), "open": 0.22, "level": 0.75},
+    "u": {"formants": (340.0, 760.0, 2400.0), "bandwidths": (70.0, 90.0, 140.0), "open": 0.22, "level": 0.75,
+          "spread": 0.70},
     "i": {
         "formants": (290.0, 2250.0, 3000.0),
         "bandwidths": (60.0, 120.0, 180.0),
         "open": 0.16,
         "level": 0.7,
+        "spread": 1.20,
     },
 }
 VOWEL_NAMES = tuple(VOWELS)
@@ -200,9 +211,10 @@ def _formant_gain(freqs: np.ndarray, formants: np.ndarray, bandwidths: np.ndarra
 
 def render_voice(song: Song, voice: Voice, sr: int, n: int, rng: np.random.Generator) -> dict:
     """Sing the song. Returns {"audio": (n,) float, "envelope": (n,) 0..1 amplitude envelope,
-    "openness": (n,) vowel openness, "voiced": (n,) bool}."""
+    "openness": (n,) vowel openness, "spread": (n,) vowel lip width (1 = rest), "voiced": (n,) bool}."""
     env = np.zeros(n)
     openness = np.zeros(n)
+    spread = np.ones(n)
     midi = np.full(n, np.nan)
     level = np.zeros(n)
     formants = np.zeros((n, 3))
@@ -216,6 +228,7 @@ def render_voice(song: Song, voice: Voice, sr: int, n: int, rng: np.random.Gener
         midi[i0:i1] = s.midi
         v = VOWELS[s.vowel]
         openness[i0:i1] = v["open"]
+        spread[i0:i1] = v["spread"]
         level[i0:i1] = v["level"]
         formants[i0:i1] = np.asarray(v["formants"]) * voice.formant_scale
         bands[i0:i1] = v["bandwidths"]
@@ -233,14 +246,16 @@ def render_voice(song: Song, voice: Voice, sr: int, n: int, rng: np.random.Gener
         np.maximum.accumulate(idx, out=idx)
         first = int(np.argmax(voiced))
         idx[:first] = first
-        midi, formants, bands, level, openness_held = (
+        midi, formants, bands, level, openness_held, spread_held = (
             midi[idx],
             formants[idx],
             bands[idx],
             level[idx],
             openness[idx],
+            spread[idx],
         )
         openness = np.where(voiced, openness, openness_held)
+        spread = np.where(voiced, spread, spread_held)
 
     # glides: smooth the note sequence (~35 ms), then vibrato that fades in over 0.2 s of each note
     midi = _smooth(midi, int(0.035 * sr))
@@ -276,7 +291,7 @@ def render_voice(song: Song, voice: Voice, sr: int, n: int, rng: np.random.Gener
     breath = sosfilt(sos, rng.standard_normal(n))
     breath *= voice.breath / (np.std(breath) + 1e-12)
     audio = env * level * (voiced_part + breath)
-    return {"audio": audio, "envelope": env, "openness": openness, "voiced": voiced}
+    return {"audio": audio, "envelope": env, "openness": openness, "spread": spread, "voiced": voiced}
 
 
 def _smooth(x: np.ndarray, width: int) -> np.ndarray:
@@ -393,11 +408,8 @@ def mix_take(song: Song, voice: Voice, sr: int, n: int, rng: np.random.Generator
     return (mix * gain).astype(np.float32), (vocals * gain).astype(np.float32), sung
 
 
-def mouth_track(voice_out: dict, sr: int, frame_times: np.ndarray, fps: float) -> np.ndarray:
-    """Target mouth opening per video frame: vowel openness x the vocal amplitude envelope, averaged over
-    the frame's duration (a smoothed envelope). Silence -> 0 (closed)."""
-    env = voice_out["envelope"] * 1.0
-    drive = voice_out["openness"] * env
+def _frame_means(drive: np.ndarray, sr: int, frame_times: np.ndarray, fps: float) -> np.ndarray:
+    """(n,) per-sample values -> their mean over each video frame's duration, centred on the frame's time."""
     width = max(int(sr / fps), 1)
     c = np.concatenate([[0.0], np.cumsum(drive)])
     n = len(drive)
@@ -405,3 +417,16 @@ def mouth_track(voice_out: dict, sr: int, frame_times: np.ndarray, fps: float) -
     i0 = np.clip(centres - width // 2, 0, n)
     i1 = np.clip(centres + width - width // 2, 0, n)
     return (c[i1] - c[i0]) / np.maximum(i1 - i0, 1)
+
+
+def mouth_track(voice_out: dict, sr: int, frame_times: np.ndarray, fps: float) -> np.ndarray:
+    """Target mouth opening per video frame: vowel openness x the vocal amplitude envelope, averaged over
+    the frame's duration (a smoothed envelope). Silence -> 0 (closed)."""
+    return _frame_means(voice_out["openness"] * voice_out["envelope"], sr, frame_times, fps)
+
+
+def width_track(voice_out: dict, sr: int, frame_times: np.ndarray, fps: float) -> np.ndarray:
+    """Target mouth width per video frame, relative to the rest width: 1 + (vowel spread - 1) x the vocal
+    envelope, averaged over the frame's duration. Silence -> 1 (the rest width); /a/ sung -> 1, /u/ at full
+    level -> 0.70, /i/ -> 1.20."""
+    return _frame_means(1.0 + (voice_out["spread"] - 1.0) * voice_out["envelope"], sr, frame_times, fps)

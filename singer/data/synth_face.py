@@ -8,7 +8,9 @@ position. All of it is deterministic from (seed, subject).
 
 Animation, per frame (`FaceAnimator.render`):
 1. the lower lip and the jaw landmarks move along the face's vertical axis so that the inner-lip gap is
-   the asked opening (the photo's own smile is first closed, so opening 0 is a closed mouth);
+   the asked opening (the photo's own smile is first closed, so opening 0 is a closed mouth), and the lip
+   landmarks (48-67) scale along the face's horizontal axis about the mouth's centre by the asked width
+   (1 = the photo's own width; rounded vowels narrower, spread ones wider);
 2. a piecewise-affine warp over a Delaunay triangulation of the landmarks plus the canvas border carries
    the photo along (one `cv2.remap` per frame, built from a rasterised triangle-index map: `synth_warp`);
 3. a global affine (the head pose: roll, and nod/turn rendered as shift and foreshortening about the
@@ -61,6 +63,7 @@ LIP_JAW_WEIGHTS = {
     12: 0.1,  # jaw
 }
 MIN_GAP = 0.03  # closed mouth: inner-lip gap in eye distances (keeps the warp non-degenerate)
+WIDTH_RANGE = (0.66, 1.25)  # lip widths a variant must render without folding (synth_audio's spreads lie inside)
 CANVAS_MARGIN = 0.14  # canvas is this much larger than the frame on each side, room for head motion
 MOUTH_COLOUR = (38, 14, 16)
 
@@ -380,10 +383,17 @@ class FaceAnimator:
         yy, xx = np.mgrid[0 : self.size, 0 : self.size].astype(np.float64)
         self.out_grid = np.stack([xx, yy], axis=-1)
 
-    def landmarks_at(self, opening: float) -> np.ndarray:
-        """Canvas landmarks (68, 2) with the inner-lip gap set to `opening` eye distances."""
+    def landmarks_at(self, opening: float, width: float = 1.0) -> np.ndarray:
+        """Canvas landmarks (68, 2) with the inner-lip gap set to `opening` eye distances and the lips (48-67)
+        `width` times their rest width along the face's horizontal axis."""
         d = max(opening, MIN_GAP) * self.iod - self.gap0
-        return self.variant.landmarks + self.weights[:68, None] * d * self.down
+        lm = self.variant.landmarks + self.weights[:68, None] * d * self.down
+        if width != 1.0:
+            lips = lm[48:68]
+            centre = 0.5 * (lips[0] + lips[6])  # between the outer corners 48 and 54
+            along = (lips - centre) @ self.across
+            lm[48:68] = lips + (width - 1.0) * along[:, None] * self.across
+        return lm
 
     def pose_matrix(self, pose: Pose) -> np.ndarray:
         """2x3 affine from canvas pixels to output pixels."""
@@ -398,9 +408,9 @@ class FaceAnimator:
         t = k * (c - v.offset + shift) - lin @ c
         return np.concatenate([lin, t[:, None]], axis=1)
 
-    def render(self, opening: float, pose: Pose) -> tuple[np.ndarray, np.ndarray]:
+    def render(self, opening: float, pose: Pose, width: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
         """-> (frame (size, size, 3) uint8, landmarks (68, 2) in output pixels)."""
-        lm = self.landmarks_at(opening)
+        lm = self.landmarks_at(opening, width)
         dst = np.concatenate([lm, self.borders])
         g = self.pose_matrix(pose)
         g_inv = cv2.invertAffineTransform(g)
@@ -414,15 +424,15 @@ class FaceAnimator:
         cv2.fillPoly(frame, [inner], MOUTH_COLOUR, lineType=cv2.LINE_AA, shift=4)
         return frame, out_lm.astype(np.float32)
 
-    def folds(self, opening: float) -> bool:
-        """True when the warp at this opening would flip a triangle (it must not, up to wide open)."""
-        dst = np.concatenate([self.landmarks_at(opening), self.borders])
+    def folds(self, opening: float, width: float = 1.0) -> bool:
+        """True when the warp at this opening and width would flip a triangle (it must not, up to wide open)."""
+        dst = np.concatenate([self.landmarks_at(opening, width), self.borders])
         a0, a1 = signed_areas(self.src, self.triangles), signed_areas(dst, self.triangles)
         return bool(np.any(np.sign(a0) != np.sign(a1)))
 
     def check(self) -> bool:
         """dlib finds exactly one face (score > 0) when closed, wide open, and with the head turned."""
-        if self.folds(0.0) or self.folds(0.7):
+        if any(self.folds(opening, width) for opening in (0.0, 0.7) for width in (1.0, *WIDTH_RANGE)):
             return False
         for opening, pose in ((0.0, Pose(0, 0, 0)), (0.6, Pose(6, 5, 4)), (0.3, Pose(-3, -5, -4))):
             frame, _ = self.render(opening, pose)

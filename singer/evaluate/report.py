@@ -2,7 +2,8 @@
 
 Under `evaluate.out_dir` (default `eval/`):
 
-    per_clip.parquet          one row per clip: clip_id, subject, n_frames, truth_source, then per metric
+    per_clip.parquet          one row per clip: clip_id, subject, n_frames, truth_source / width_truth_source
+                              (where the mouth opening's / width's truth came from), then per metric
                               `<m>` (float, NaN when unavailable), `<m>_status` ("ok"|"unavailable"),
                               `<m>_reason` (None when ok without a note)
     plots/mouth_curves.csv    DVC plot data: clip_id, frame, generated, truth (mouth opening per frame, Fig. 9)
@@ -49,7 +50,8 @@ def per_clip_frame(rows: list[dict], names: list[str]):
     records = []
     for r in rows:
         rec: dict[str, Any] = {"clip_id": r["clip_id"], "subject": r["subject"], "n_frames": r["n_frames"],
-                               "truth_source": r["truth_source"]}
+                               "truth_source": r["truth_source"],
+                               "width_truth_source": r["width_truth_source"]}
         for n in names:
             res = r["results"].get(n)
             value = None if res is None else res["value"]

@@ -30,7 +30,8 @@ from singer.evaluate.fanout import WORKER_ENV, run_ray
 
 log = logging.getLogger(__name__)
 
-PER_CLIP_METRICS = ("ssim", "psnr", "cpbd", "lmd", "diversity", "bas", "identity", "mouth_correlation")
+PER_CLIP_METRICS = ("ssim", "psnr", "cpbd", "lmd", "diversity", "bas", "identity", "mouth_correlation",
+                    "mouth_width_correlation")
 SET_METRICS = ("fvd",)
 LSE_NAMES = ("LSE-D", "LSE-C")
 
@@ -197,6 +198,8 @@ class ClipEvaluator:
         timings["generate"] = time.perf_counter() - t0
 
         truth_mouth = mouth.astype(np.float64) if np.isfinite(mouth).all() and len(mouth) == n else None
+        width = ds.truth_curve(clip["clip_id"], "mouth_width", n)
+        truth_width = width.astype(np.float64) if np.isfinite(width).all() else None
         t0 = time.perf_counter()
         gen_lm = video_landmarks(generated)
         timings["landmarks_generated"] = time.perf_counter() - t0
@@ -205,6 +208,7 @@ class ClipEvaluator:
         timings["landmarks_ground_truth"] = time.perf_counter() - t0
         inputs = dict(generated=generated, ground_truth=frames, reference=reference, audio=audio, sample_rate=rate,
                       fps=fps, gen_landmarks=gen_lm, gt_landmarks=gt_lm, truth_mouth=truth_mouth,
+                      truth_width=truth_width,
                       cpbd_every=ec.cpbd_every, identity_max_frames=ec.identity_max_frames)
         results: dict[str, MetricResult] = {}
         for name in self.names:
@@ -243,6 +247,7 @@ class ClipEvaluator:
             "n_frames": int(n),
             "fps": float(fps),
             "truth_source": "truth.json" if truth_mouth is not None else "landmarks",
+            "width_truth_source": "truth.json" if truth_width is not None else "landmarks",
             "results": {k: v.to_dict() for k, v in results.items()},
             "curves": {"generated": opening_curve(gen_lm).tolist(), "truth": np.asarray(truth_curve).tolist()},
             "timings": timings,

@@ -4,7 +4,7 @@ by the metrics (`singer.evaluate.metrics`). Offline: dlib (`dlib-bin`) with the 
 `face_recognition_models` (DESIGN.md section 6).
 
     detect      dlib's HOG detector, `detect_faces`, detection in a rescaled region, box helpers
-    landmarks   the 68-point predictor, `detect_landmarks`, `mouth_opening`, `inter_ocular`, landmark groups
+    landmarks   the 68-point predictor, `detect_landmarks`, `mouth_opening`, `mouth_width`, `inter_ocular`, landmark groups
     track       following one face through a clip's frames (`track_faces`), `fill_missing`
     crop        crop geometry (`crop_geometry`, `crop_frame`, `to_crop`): "scale 0.8 around the face"
     masks       Hallo's soft full / face / lip masks and the hard face_region box (`make_masks`)
@@ -26,7 +26,7 @@ from singer.faces.identity import (
     make_face_embedder,
     similarity_transform,
 )
-from singer.faces.landmarks import detect_landmarks, inter_ocular, landmarks68, mouth_opening
+from singer.faces.landmarks import detect_landmarks, inter_ocular, landmarks68, mouth_opening, mouth_width
 from singer.faces.masks import INFERENCE_FACE_EXPAND, INFERENCE_LIP_EXPAND, face_outline, make_masks
 from singer.faces.portrait import (
     FaceDetection,
@@ -74,6 +74,7 @@ __all__ = [
     "make_masks",
     "model_dir",
     "mouth_opening",
+    "mouth_width",
     "prepare_reference",
     "similarity_transform",
     "to_crop",

@@ -67,6 +67,19 @@ def mouth_opening(landmarks: np.ndarray) -> np.ndarray | float:
     return float(value) if np.ndim(value) == 0 else value
 
 
+def mouth_width(landmarks: np.ndarray) -> np.ndarray | float:
+    """The mouth width of the project: the distance between the outer lip corners (48, 54) divided by the
+    inter-ocular distance. Scale-free; it narrows for rounded vowels (/u/, /o/) and widens for spread ones (/i/).
+
+    landmarks: (68, 2) -> float; (..., 68, 2) -> array of shape (...).
+    """
+    lm = np.asarray(landmarks, np.float64)
+    if lm.shape[-2:] != (68, 2):
+        raise ValueError(f"landmarks must be (..., 68, 2), got {lm.shape}")
+    value = np.linalg.norm(lm[..., 54, :] - lm[..., 48, :], axis=-1) / np.maximum(inter_ocular(lm), 1e-9)
+    return float(value) if np.ndim(value) == 0 else value
+
+
 def detect_landmarks(
     image_rgb: np.ndarray, upsample_schedule: tuple[int, ...] = (0, 1, 2)
 ) -> tuple[np.ndarray, Box, float] | None:

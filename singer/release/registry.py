@@ -61,6 +61,7 @@ DIRECTIONS: dict[str, str] = {
     "psnr": "higher",
     "cpbd": "higher",
     "mouth_correlation": "higher",
+    "mouth_width_correlation": "higher",
     "identity": "higher",
     "bas": "higher",
     "diversity": "higher",

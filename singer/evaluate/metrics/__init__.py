@@ -9,7 +9,7 @@ reason when one it needs is missing):
     reference      (H, W, 3) uint8 RGB           audio, sample_rate, fps
     gen_landmarks / gt_landmarks  (T, 68, 2), NaN rows = no face (computed with
                    `base.video_landmarks` when absent; pass them to avoid running dlib once per metric)
-    truth_mouth    (T,) ground-truth mouth-opening curve
+    truth_mouth    (T,) ground-truth mouth-opening curve     truth_width    (T,) ground-truth mouth-width curve
     upsample, cpbd_every, cpbd_max_frames, identity_every, identity_max_frames
 
     from singer.evaluate.metrics import compute
@@ -32,9 +32,10 @@ METRICS: dict[str, Callable[..., MetricResult]] = {
     "bas": bas.metric,
     "identity": identity.metric,
     "mouth_correlation": mouth.metric,
+    "mouth_width_correlation": mouth.width_metric,
 }
 
-LANDMARK_METRICS = ("lmd", "diversity", "bas", "mouth_correlation")
+LANDMARK_METRICS = ("lmd", "diversity", "bas", "mouth_correlation", "mouth_width_correlation")
 
 
 def compute(names: Iterable[str] | None = None, **inputs) -> dict[str, MetricResult]:
@@ -50,6 +51,7 @@ def compute(names: Iterable[str] | None = None, **inputs) -> dict[str, MetricRes
             inputs["gen_landmarks"] = video_landmarks(inputs["generated"], up)
         if inputs.get("gt_landmarks") is None and inputs.get("ground_truth") is not None and (
             "lmd" in names or ("mouth_correlation" in names and inputs.get("truth_mouth") is None)
+            or ("mouth_width_correlation" in names and inputs.get("truth_width") is None)
         ):
             inputs["gt_landmarks"] = video_landmarks(inputs["ground_truth"], up)
     return {n: METRICS[n](**inputs) for n in names}

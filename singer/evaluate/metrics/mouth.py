@@ -1,11 +1,13 @@
-"""Mouth-opening correlation with ground truth (beyond the paper; the quantity of its Fig. 9 and 10).
+"""Mouth-opening and mouth-width correlation with ground truth (beyond the paper; the opening is the quantity
+of its Fig. 9 and 10, the width is the lip shape that singing's vowels change).
 
 Definition used: the mouth-opening curve of a video is `singer.faces.mouth_opening` per frame
 (mean inner-lip gap 61-67, 62-66, 63-65 over the inter-ocular distance) of its dlib landmarks
-(`base.video_landmarks`); the metric is Pearson's r between the generated curve and the ground-truth
+(`base.video_landmarks`); the width curve is `singer.faces.mouth_width` (lip corners 48-54 over the
+inter-ocular distance). Each metric is Pearson's r between the generated curve and the ground-truth
 curve (from the ground-truth frames' landmarks, or a given truth array such as the synthetic corpus's
-``truth.json["mouth_opening"]``), over the frames where both are finite. Unavailable (with the reason)
-with fewer than `MIN_FRAMES` such frames or when either curve is constant there. In [-1, 1].
+``truth.json["mouth_opening"]`` / ``["mouth_width"]``), over the frames where both are finite. Unavailable
+(with the reason) with fewer than `MIN_FRAMES` such frames or when either curve is constant there. In [-1, 1].
 """
 
 from __future__ import annotations
@@ -24,7 +26,15 @@ def opening_curve(landmarks: np.ndarray) -> np.ndarray:
     return np.asarray(mouth_opening(as_landmarks(landmarks)), np.float64).reshape(-1)
 
 
-def curve_correlation(generated_curve, truth_curve, min_frames: int = MIN_FRAMES) -> MetricResult:
+def width_curve(landmarks: np.ndarray) -> np.ndarray:
+    """(T,) mouth width per frame (NaN where no face)."""
+    from singer.faces import mouth_width
+
+    return np.asarray(mouth_width(as_landmarks(landmarks)), np.float64).reshape(-1)
+
+
+def curve_correlation(generated_curve, truth_curve, min_frames: int = MIN_FRAMES,
+                      what: str = "mouth-opening") -> MetricResult:
     g = np.asarray(generated_curve, np.float64).ravel()
     t = np.asarray(truth_curve, np.float64).ravel()
     if g.shape != t.shape:
@@ -38,9 +48,9 @@ def curve_correlation(generated_curve, truth_curve, min_frames: int = MIN_FRAMES
     sg, st = float(np.sqrt(np.sum(g * g))), float(np.sqrt(np.sum(t * t)))
     scale = max(np.abs(g).max(initial=0.0), np.abs(t).max(initial=0.0), 1e-12)
     if sg <= 1e-9 * scale * np.sqrt(n) or sg == 0.0:
-        return MetricResult.unavailable("the generated mouth-opening curve is constant", frames=n, dropped=dropped)
+        return MetricResult.unavailable(f"the generated {what} curve is constant", frames=n, dropped=dropped)
     if st <= 1e-9 * scale * np.sqrt(n) or st == 0.0:
-        return MetricResult.unavailable("the ground-truth mouth-opening curve is constant", frames=n,
+        return MetricResult.unavailable(f"the ground-truth {what} curve is constant", frames=n,
                                         dropped=dropped)
     r = float(np.clip(np.sum(g * t) / (sg * st), -1.0, 1.0))
     return MetricResult.ok(r, frames=n, dropped=dropped)
@@ -77,3 +87,27 @@ def metric(*, generated=None, ground_truth=None, gen_landmarks=None, gt_landmark
     if gt_landmarks is None:
         return MetricResult.unavailable("mouth correlation needs ground-truth frames, landmarks or a truth curve")
     return mouth_correlation(gen_landmarks, gt_landmarks)
+
+
+def mouth_width_correlation(generated_landmarks: np.ndarray, truth: np.ndarray) -> MetricResult:
+    """r between the mouth width of generated landmarks (T, 68, 2) and `truth`: ground-truth landmarks
+    (T, 68, 2) or a truth width curve (T,)."""
+    truth = np.asarray(truth, np.float64)
+    truth_curve = truth if truth.ndim == 1 else width_curve(truth)
+    return curve_correlation(width_curve(generated_landmarks), truth_curve, what="mouth-width")
+
+
+def width_metric(*, generated=None, ground_truth=None, gen_landmarks=None, gt_landmarks=None, truth_width=None,
+                 upsample=None, **_) -> MetricResult:
+    if gen_landmarks is None and generated is not None:
+        gen_landmarks = video_landmarks(generated, upsample)
+    if gen_landmarks is None:
+        return MetricResult.unavailable("mouth-width correlation needs generated frames (or their landmarks)")
+    if truth_width is not None:
+        return mouth_width_correlation(gen_landmarks, np.asarray(truth_width, np.float64).ravel())
+    if gt_landmarks is None and ground_truth is not None:
+        gt_landmarks = video_landmarks(ground_truth, upsample)
+    if gt_landmarks is None:
+        return MetricResult.unavailable("mouth-width correlation needs ground-truth frames, landmarks or a truth "
+                                        "curve")
+    return mouth_width_correlation(gen_landmarks, gt_landmarks)
