@@ -36,17 +36,20 @@ def test_gpu_benchmark_code_path_on_cpu(tmp_path):
     assert result["gradient_checkpointing"] == ["denoising_unet"] and result["guidance_scale"] != 1
 
 
-def _learning_module():
+def _benchmark_module(name: str):
+    """benchmarks/<name>.py as a module (the folder on sys.path, as when it is run: protocols imports learning)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("learning_benchmark", ROOT / "benchmarks/learning.py")
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", ROOT / f"benchmarks/{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_learning_report_aggregates_over_seeds_from_the_runs_on_disk(tmp_path):
-    learning = _learning_module()
+    learning = _benchmark_module("learning")
 
     def run(variant, seed, mouth_r, identity, seconds):
         run_dir = Path("runs") / f"{variant}-s{seed}"
@@ -79,7 +82,7 @@ def test_learning_report_aggregates_over_seeds_from_the_runs_on_disk(tmp_path):
 def test_learning_samples_one_trained_model_several_ways_each_in_its_own_row():
     """`--sampling dpm_solver:5`: the same model evaluated again with that sampler and step count, into its own
     folders (never over learning.yaml's own evaluation) and its own table row."""
-    learning = _learning_module()
+    learning = _benchmark_module("learning")
     run_dir = Path("runs") / "full-s0"
     assert learning.label("none", None) == "none" and learning.label("none", "dpm_solver:5") == "none@dpm_solver5"
     plain = learning.eval_overrides(run_dir, "full", 0, "none")
@@ -92,18 +95,8 @@ def test_learning_samples_one_trained_model_several_ways_each_in_its_own_row():
     assert learning.eval_json(run_dir, "full", "none@dpm_solver5") == run_dir / "metrics-none@dpm_solver5/eval.json"
 
 
-def _protocols_module():
-    import importlib.util
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("protocols_benchmark", ROOT / "benchmarks/protocols.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_protocols_stage_two_overrides_load_the_base_and_train_only_the_listed_groups(tmp_path):
-    protocols = _protocols_module()
+    protocols = _benchmark_module("protocols")
     params, spec = protocols.load_spec(ROOT / "benchmarks/spectral.yaml")
     assert "protocol" not in params and params["synth"]["seed"] == 1  # learning.yaml's benchmark corpus
     assert "mouth_width_correlation" in params["evaluate"]["metrics"]
@@ -124,7 +117,7 @@ def test_protocols_stage_two_overrides_load_the_base_and_train_only_the_listed_g
 def test_protocols_ledger_tables_and_paired_differences(tmp_path):
     """Paired differences are per seed (a - b of the same seed), not differences of the means; entries of
     other parameters (another digest) are ignored."""
-    protocols = _protocols_module()
+    protocols = _benchmark_module("protocols")
     ledger = protocols.Ledger(tmp_path / "ledger")
     values = {("full", 0): 0.80, ("full", 1): 0.60, ("no_msm", 0): 0.70, ("no_msm", 1): 0.56, ("no_msm", 2): 0.9}
     for (arm, seed), r in values.items():

@@ -74,19 +74,27 @@ def mouth_correlation_videos(generated: np.ndarray, ground_truth: np.ndarray | N
     return curve_correlation(opening_curve(gen), truth_curve)
 
 
-def metric(*, generated=None, ground_truth=None, gen_landmarks=None, gt_landmarks=None, truth_mouth=None,
-           upsample=None, **_) -> MetricResult:
+def _landmark_metric(correlation, name: str, truth_curve, generated, ground_truth, gen_landmarks, gt_landmarks,
+                     upsample) -> MetricResult:
+    """The registry's call of a curve metric: landmarks from frames where not given, and the truth curve when
+    there is one, else the ground truth's landmarks."""
     if gen_landmarks is None and generated is not None:
         gen_landmarks = video_landmarks(generated, upsample)
     if gen_landmarks is None:
-        return MetricResult.unavailable("mouth correlation needs generated frames (or their landmarks)")
-    if truth_mouth is not None:
-        return mouth_correlation(gen_landmarks, np.asarray(truth_mouth, np.float64).ravel())
+        return MetricResult.unavailable(f"{name} needs generated frames (or their landmarks)")
+    if truth_curve is not None:
+        return correlation(gen_landmarks, np.asarray(truth_curve, np.float64).ravel())
     if gt_landmarks is None and ground_truth is not None:
         gt_landmarks = video_landmarks(ground_truth, upsample)
     if gt_landmarks is None:
-        return MetricResult.unavailable("mouth correlation needs ground-truth frames, landmarks or a truth curve")
-    return mouth_correlation(gen_landmarks, gt_landmarks)
+        return MetricResult.unavailable(f"{name} needs ground-truth frames, landmarks or a truth curve")
+    return correlation(gen_landmarks, gt_landmarks)
+
+
+def metric(*, generated=None, ground_truth=None, gen_landmarks=None, gt_landmarks=None, truth_mouth=None,
+           upsample=None, **_) -> MetricResult:
+    return _landmark_metric(mouth_correlation, "mouth correlation", truth_mouth, generated, ground_truth,
+                            gen_landmarks, gt_landmarks, upsample)
 
 
 def mouth_width_correlation(generated_landmarks: np.ndarray, truth: np.ndarray) -> MetricResult:
@@ -99,15 +107,5 @@ def mouth_width_correlation(generated_landmarks: np.ndarray, truth: np.ndarray) 
 
 def width_metric(*, generated=None, ground_truth=None, gen_landmarks=None, gt_landmarks=None, truth_width=None,
                  upsample=None, **_) -> MetricResult:
-    if gen_landmarks is None and generated is not None:
-        gen_landmarks = video_landmarks(generated, upsample)
-    if gen_landmarks is None:
-        return MetricResult.unavailable("mouth-width correlation needs generated frames (or their landmarks)")
-    if truth_width is not None:
-        return mouth_width_correlation(gen_landmarks, np.asarray(truth_width, np.float64).ravel())
-    if gt_landmarks is None and ground_truth is not None:
-        gt_landmarks = video_landmarks(ground_truth, upsample)
-    if gt_landmarks is None:
-        return MetricResult.unavailable("mouth-width correlation needs ground-truth frames, landmarks or a truth "
-                                        "curve")
-    return mouth_width_correlation(gen_landmarks, gt_landmarks)
+    return _landmark_metric(mouth_width_correlation, "mouth-width correlation", truth_width, generated,
+                            ground_truth, gen_landmarks, gt_landmarks, upsample)
