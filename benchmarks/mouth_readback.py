@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from learning import project_params, singer  # noqa: E402  (the benchmarks' shared runner)
+from learning import project_params, singer, synth_code  # noqa: E402  (the benchmarks' shared runner)
 
 TARGET_R = 0.9
 
@@ -80,12 +81,14 @@ def main() -> None:
     params["synth"] = {**params.get("synth", {}), "seed": args.seed, "subjects": args.subjects}
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     log = work / "commands.log"
-    stamp = work / "data.json"
-    if not stamp.exists() or json.loads(stamp.read_text()) != params["synth"]:
+    stamp, made_by = work / "data.json", {"synth": params["synth"], "synth_code": synth_code()}
+    if not stamp.exists() or json.loads(stamp.read_text()) != made_by:  # other parameters or code: another corpus
+        for folder in ("data", *(f"metrics-{size}" for size in args.resolutions)):
+            shutil.rmtree(work / folder, ignore_errors=True)
         singer(["synth", "--out", "data/raw", "--no-progress"], work, log)
         for stage in ("ingest", "clip"):
             singer([stage, "--no-progress"], work, log)
-        stamp.write_text(json.dumps(params["synth"]))
+        stamp.write_text(json.dumps(made_by))
     table, rows_out = {}, []
     for size in args.resolutions:
         crops = Path(f"data/crops-{size}")

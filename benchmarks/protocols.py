@@ -139,7 +139,7 @@ class Runner:
         stamp = self.stamp(protocol, arm, seed)
         return stamp.exists() and stamp.read_text().strip() == self.digest(protocol) and \
             (self.work / learning.train_json(run_dir(protocol, arm, seed), arm)).exists() and \
-            weights_sha256(self.models(protocol, arm, seed)) is not None
+            any(self.models(protocol, arm, seed).rglob("*.safetensors"))
 
     def models(self, protocol: str, arm: str, seed: int) -> Path:
         return self.work / run_dir(protocol, arm, seed) / "models" / arm
@@ -277,7 +277,7 @@ def main() -> None:
                         for c, e in entry["evals"].items()), flush=True)
 
     digests = {p: runner.digest(p) for p in PROTOCOLS}
-    seeds = sorted({e["seed"] for f in ledger.folder.glob("*.json") if (e := json.loads(f.read_text()))} or args.seeds)
+    seeds = sorted({json.loads(f.read_text())["seed"] for f in ledger.folder.glob("*.json")}) or args.seeds
     tables, pairs = table(ledger, digests, seeds), paired(ledger, digests, seeds)
     gt_identity = learning.truth_identity(work) if (work / "data/split/test.txt").exists() else None
     rows = []
