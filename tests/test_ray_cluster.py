@@ -74,12 +74,19 @@ def _scoring(raylet: psutil.Process) -> bool:
 
 
 @pytest.fixture
-def cluster():
+def cluster(monkeypatch):
     """(RAY_ADDRESS, the dashboard's URL, the environment for `ray` and `singer`): head + 2 worker nodes;
     stopped afterwards."""
     temp = Path(tempfile.mkdtemp(prefix="ray"))  # short: Ray's socket paths must stay under 108 bytes
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0"}
+    # The auth mode is set, not left to Ray. With RAY_AUTH_MODE unset, `ray start --head` turns token auth on
+    # when ~/.ray/auth_token exists (any local `ray.init()` writes it: another test, a user's evaluation), but
+    # `ray start --address` does not look for the file, so the worker nodes were refused ("InvalidAuthToken"),
+    # as in CI. Token auth itself is infra's (test_infra); here the mode is fixed for the `ray` and `singer`
+    # processes and for this test's own clients (the state API, the job client).
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     before = {p.pid for p in psutil.process_iter()}
     gcs, dashboard, client_server, *ports = _free_ports(18)
     address, dashboard_url = f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}"
