@@ -135,7 +135,8 @@ def test_register_release_and_load_champion(store, model_dir, tmp_path):
         rid = run.info.run_id
     v4 = register_model(cfg, model_dir, run_id=rid, metrics={"lmd": 1.8, "mouth_correlation": 0.31,
                                                              "ssim": 0.795})
-    assert client.get_model_version(name, v4).run_id == rid
+    registered = client.get_model_version(name, v4)
+    assert registered.run_id == rid and registered.tags["train_run_id"] == rid and "run_id" not in registered.tags
     passed = release(cfg)
     assert passed["passed"] and passed["promoted"] and passed["champion"] == v1 and passed["challenger"] == v4
     assert str(client.get_model_version_by_alias(name, CHAMPION).version) == v4

@@ -171,7 +171,8 @@ def register_model(cfg: Config, model_dir: str | os.PathLike, run_id: str | None
     run = client.get_run(source_run)
     lineage = {k: run.data.tags[k] for k in ("variant", "data_hash", "git_commit", "git_dirty") if k in run.data.tags}
     lineage.update(train_run_id=source_run, model_id=uri.split("/", 1)[-1])
-    mv = mlflow.register_model(uri, name, tags={"run_id": source_run, "model_dir": str(model_dir), **lineage})
+    # the source run is the version's own `run_id` field; the tag names it for lineage readers as `train_run_id`
+    mv = mlflow.register_model(uri, name, tags={"model_dir": str(model_dir), **lineage})
     version = str(mv.version)
     for key, value in present.items():
         client.set_model_version_tag(name, version, METRIC_TAG_PREFIX + key, repr(value))
