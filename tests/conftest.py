@@ -14,11 +14,13 @@
 - `tiny_project` (session), `project_copy`, `retrain_repo`: the tiny synthetic corpus through split; a private
   copy as the working directory with its own MLflow store; that copy as a git + DVC repository (data.dvc).
 - Telemetry and network look-ups of the stack are turned off for the whole session (see `QUIET_ENV`).
+- Ray's token (`ray_token_in_env`, session): a fresh one in RAY_AUTH_TOKEN, so no test writes ~/.ray/auth_token.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import time
 import uuid
 
@@ -58,6 +60,19 @@ def quiet_env():
     with pytest.MonkeyPatch.context() as mp:
         for key, value in QUIET_ENV.items():
             mp.setenv(key, os.environ.get(key, value))
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ray_token_in_env():
+    """A session token for every local Ray the tests start (in-process, `singer evaluate`, Ray's workers).
+
+    Ray 2.60 turns token auth on for a new local cluster and, when it finds no token, writes one to
+    ~/.ray/auth_token, in the real HOME. That file outlives the tests and changes later Ray commands on the
+    machine: `ray start --head` with RAY_AUTH_MODE unset then turns token auth on. With RAY_AUTH_TOKEN set,
+    Ray uses it and writes nothing; auth stays on, as users get it. A user's own token is kept."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_AUTH_TOKEN", os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(32))
         yield
 
 
